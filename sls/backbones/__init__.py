@@ -1,0 +1,212 @@
+"""Backbones: creating a timm model from a name and weights, per-block features, truncation.
+
+Every weight source goes through timm's own local-file path
+(``pretrained_cfg_overlay=dict(file=...)``): the embedded model's converted
+checkpoint exactly like a user's ``--weights FILE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sls.backbones import vit
+from sls.errors import ConfigError, UnknownModelError
+
+RANDOM_WEIGHTS = "random"
+"""``weights`` value that builds the architecture with random weights, always the same
+ones (seed 0): for tests and smoke runs."""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a task record needs to rebuild the same backbone.
+
+    Attributes:
+        model: the name the user gave (an embedded name or a timm name).
+        timm_name: the timm architecture.
+        weights: the weights file loaded, ``"random"``, or ``"timm"`` (timm's own source).
+        fingerprint: sha256 of the backbone tensors (names, shapes, dtypes and values;
+            the classifier head excluded), independent of the file format.
+        family: ``"vit"``.
+        num_blocks: N.
+        img_size: input side in pixels.
+        mean, std, interpolation: the model's preprocessing, from its pretrained config.
+    """
+
+    model: str
+    timm_name: str
+    weights: str
+    fingerprint: str
+    family: str
+    num_blocks: int
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fingerprint(model: nn.Module, exclude_prefixes: tuple[str, ...] = ("head.",)) -> str:
+    """sha256 over a model's tensors, sorted by name, the head excluded."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(exclude_prefixes):
+            continue
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _family(model: nn.Module) -> str:
+    if vit.is_vit(model):
+        return "vit"
+    raise ConfigError(
+        f"{type(model).__name__} is not supported yet; sls prunes timm VisionTransformer models"
+    )
+
+
+def create_backbone(
+    model: str,
+    *,
+    num_classes: int,
+    weights: str | Path | None = None,
+    img_size: int | None = None,
+    drop_path_rate: float = 0.0,
+) -> tuple[nn.Module, BackboneInfo]:
+    """Build a timm model with a fresh ``num_classes`` head.
+
+    Args:
+        model: an embedded name (``embedded-dinov2-s``) or any timm model name.
+        num_classes: classes of the new head.
+        weights: a local weights file (``.safetensors``, ``.pth``, ``.npz``) loaded by
+            timm; ``"random"`` for random weights; ``None`` for the embedded model's
+            converted checkpoint, or timm's own pretrained source for timm names.
+        img_size: input side; timm resamples the position embeddings.
+        drop_path_rate: stochastic depth while training.
+
+    Returns:
+        the model and the :class:`BackboneInfo` to record.
+    """
+    import timm
+
+    from sls.backbones.embedded import EMBEDDED_MODELS, embedded_weights
+
+    if model in EMBEDDED_MODELS:
+        timm_name = EMBEDDED_MODELS[model].timm_name
+        if weights is None:
+            weights = embedded_weights(model)
+    elif timm.is_model(model):
+        timm_name = model
+    else:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise UnknownModelError(
+            f"unknown model {model!r}: not an embedded model ({known}) nor a timm model name "
+            "(see timm.list_models())"
+        )
+    kwargs: dict = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if weights == RANDOM_WEIGHTS:
+        # Seeded, so a task record made on random weights can be rebuilt and checked.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = timm.create_model(timm_name, pretrained=False, **kwargs)
+        source = RANDOM_WEIGHTS
+    elif weights is None:
+        try:
+            net = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as err:  # timm raises many types when the hub is unreachable
+            raise UnknownModelError(
+                f"could not fetch pretrained weights for {timm_name!r} ({type(err).__name__}); "
+                "pass a local file with --weights FILE"
+            ) from None
+        source = "timm"
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise ConfigError(f"weights file {path} does not exist")
+        try:
+            net = timm.create_model(
+                timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+            )
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            detail = first[1].strip() if len(first) > 1 else first[0]
+            raise ConfigError(f"weights file {path} does not fit {timm_name}: {detail}") from None
+        source = str(path.resolve())
+    family = _family(net)
+    cfg = net.pretrained_cfg
+    side = img_size or cfg["input_size"][-1]
+    info = BackboneInfo(
+        model=model,
+        timm_name=timm_name,
+        weights=source,
+        fingerprint=fingerprint(net),
+        family=family,
+        num_blocks=len(vit.blocks(net)),
+        img_size=int(side),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+    )
+    return net, info
+
+
+def num_blocks(model: nn.Module) -> int:
+    """Number of transformer blocks the model has now."""
+    return len(vit.blocks(model))
+
+
+def truncate(model: nn.Module, depth: int) -> nn.Module:
+    """Keep blocks 1..depth (1-based) in place; raise if depth is out of range."""
+    total = num_blocks(model)
+    if not 1 <= depth <= total:
+        raise ConfigError(f"depth k={depth} is out of range: the model has blocks 1..{total}")
+    return vit.truncate(model, depth)
+
+
+@torch.inference_mode()
+def block_features(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    progress: bool = True,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Pooled output of every block for every image, in ONE forward pass.
+
+    Forward hooks on the blocks collect each block's pooled tokens while the
+    model runs ``forward_features`` once per batch (the head is not run).
+
+    Returns:
+        ``features``: one ``(n, d)`` float32 array per block, bottom-up, and the
+        ``(n,)`` labels in loader order.
+    """
+    model.eval()
+    collected: list[list[torch.Tensor]] = [[] for _ in vit.blocks(model)]
+    hooks = [
+        block.register_forward_hook(
+            lambda _m, _inp, out, store=store: store.append(vit.pool_tokens(model, out).float().cpu())
+        )
+        for block, store in zip(vit.blocks(model), collected)
+    ]
+    labels = []
+    try:
+        for images, targets in tqdm(loader, desc="block features", unit="batch", disable=not progress):
+            model.forward_features(images)
+            labels.append(torch.as_tensor(targets))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    features = [torch.cat(store).numpy() for store in collected]
+    return features, torch.cat(labels).numpy().astype(np.int64)

@@ -1,0 +1,147 @@
+"""Datasets, deterministic splits and the model-driven image transform."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from sls.data.embedded import EMBEDDED_DATASETS, ImageArrays
+from sls.errors import ConfigError, DataError
+
+__all__ = [
+    "EMBEDDED_DATASETS",
+    "ImageArrays",
+    "ImageArrayDataset",
+    "Splits",
+    "load_dataset",
+    "make_transform",
+    "split_dataset",
+]
+
+SPLIT_SEED = 0
+"""Seed of the embedded sets' train / val / test split: fixed, so every run of every
+command sees the same split whatever its own ``--seed``."""
+
+
+def load_dataset(name: str) -> ImageArrays:
+    """Load an embedded dataset by name (``mnist5k``, ``fashion-mnist``, ``digits``)."""
+    try:
+        loader = EMBEDDED_DATASETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown dataset {name!r}; choose one of: {', '.join(EMBEDDED_DATASETS)}"
+        ) from None
+    return loader()
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Sorted sample indices of each split of one dataset."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def describe(self) -> dict:
+        """Sizes and a fingerprint of each split, for the task record."""
+        return {
+            name: {"size": int(len(idx)), "sha256": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16]}
+            for name, idx in (("train", self.train), ("val", self.val), ("test", self.test))
+        }
+
+
+def _stratified_subset(indices: np.ndarray, labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    if size is None or size >= len(indices):
+        return np.sort(indices)
+    n_classes = len(np.unique(labels[indices]))
+    if size < n_classes:
+        raise ConfigError(f"a subset of {size} samples cannot hold all {n_classes} classes")
+    subset, _ = train_test_split(indices, train_size=size, stratify=labels[indices], random_state=seed)
+    return np.sort(subset)
+
+
+def split_dataset(
+    labels: np.ndarray,
+    *,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = SPLIT_SEED,
+) -> Splits:
+    """Deterministic stratified train / val / test split.
+
+    First ``test_fraction`` and ``val_fraction`` of the data are set aside (stratified
+    by class, seeded); then the train and test splits are optionally cut to
+    ``train_size`` / ``test_size`` samples by a stratified subset. The same labels and
+    arguments always give the same indices.
+    """
+    labels = np.asarray(labels)
+    if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
+        raise ConfigError(f"bad split fractions: test {test_fraction}, val {val_fraction}")
+    if len(np.unique(labels)) < 2:
+        raise DataError("the dataset holds a single class; a classifier needs at least 2")
+    everything = np.arange(len(labels))
+    try:
+        rest, test = train_test_split(everything, test_size=test_fraction, stratify=labels, random_state=seed)
+        if val_fraction > 0:
+            val_share = val_fraction / (1 - test_fraction)
+            train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)
+        else:
+            train, val = rest, np.array([], dtype=np.int64)
+    except ValueError as err:
+        raise DataError(f"cannot split {len(labels)} samples by class: {err}") from None
+    return Splits(
+        train=_stratified_subset(train, labels, train_size, seed),
+        val=np.sort(val),
+        test=_stratified_subset(test, labels, test_size, seed),
+    )
+
+
+def make_transform(
+    img_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    interpolation: str = "bicubic",
+) -> transforms.Compose:
+    """Resize to ``img_size`` square, to tensor, normalise with the model's statistics.
+
+    Mean, std and interpolation come from the model's pretrained config (see
+    :func:`sls.backbones.data_config`); no augmentation, as in the paper's recipe.
+    """
+    mode = transforms.InterpolationMode(interpolation)
+    return transforms.Compose(
+        [
+            transforms.Resize((img_size, img_size), interpolation=mode, antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+class ImageArrayDataset(Dataset):
+    """Torch view of some samples of an :class:`ImageArrays`, as RGB tensors."""
+
+    def __init__(self, data: ImageArrays, indices: np.ndarray, transform) -> None:
+        self.data = data
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.data.labels[self.indices]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = self.indices[i]
+        image = Image.fromarray(self.data.images[j]).convert("RGB")
+        return self.transform(image), int(self.data.labels[j])

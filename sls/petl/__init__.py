@@ -1,0 +1,89 @@
+"""PETL methods behind one registry.
+
+A method is a :class:`PETLMethod` subclass registered with :func:`register_petl`.
+``method.apply(model)`` inserts its modules into a timm model in place and leaves
+exactly its own parameters and the classifier head trainable. The per-task state
+is then ``trainable_state(model)``: nothing of the frozen backbone.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from sls.errors import ConfigError
+
+
+class PETLMethod:
+    """Base class: hyper-parameters in, modules inserted by :meth:`apply`.
+
+    Subclasses set ``name``, ``defaults`` (every hyper-parameter with its default)
+    and ``param_markers`` (substrings that name their parameters), and implement
+    :meth:`insert`.
+    """
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict]
+    param_markers: ClassVar[tuple[str, ...]]
+
+    def __init__(self, **hparams) -> None:
+        unknown = set(hparams) - set(self.defaults)
+        if unknown:
+            raise ConfigError(
+                f"{self.name} has no option {', '.join(sorted(unknown))}; "
+                f"its options are {', '.join(sorted(self.defaults))}"
+            )
+        self.hparams = {**self.defaults, **hparams}
+
+    def insert(self, model: nn.Module) -> None:
+        """Insert the method's modules into ``model`` (in place)."""
+        raise NotImplementedError
+
+    def is_petl_param(self, name: str) -> bool:
+        return any(marker in name for marker in self.param_markers)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Insert the modules, then train only them and the head. Returns ``model``."""
+        self.insert(model)
+        head = {f"head.{n}" for n, _ in model.get_classifier().named_parameters()}
+        for name, param in model.named_parameters():
+            param.requires_grad_(self.is_petl_param(name) or name in head)
+        if not any(self.is_petl_param(n) for n, _ in model.named_parameters()):
+            raise ConfigError(f"{self.name} found no module to adapt in {type(model).__name__}")
+        return model
+
+
+_METHODS: dict[str, type[PETLMethod]] = {}
+
+
+def register_petl(cls: type[PETLMethod]) -> type[PETLMethod]:
+    """Class decorator registering a PETL method under ``cls.name``."""
+    if cls.name in _METHODS:
+        raise ValueError(f"PETL method {cls.name!r} is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def create_petl(name: str, **hparams) -> PETLMethod:
+    """Instantiate the registered method ``name`` with ``hparams`` over its defaults."""
+    try:
+        cls = _METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown PETL method {name!r}; choose one of: {', '.join(list_petl())}") from None
+    return cls(**hparams)
+
+
+def list_petl() -> list[str]:
+    return sorted(_METHODS)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The per-task tensors: every trainable parameter (PETL modules and head)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# Importing the modules registers the methods.
+from sls.petl import adapter as _adapter  # noqa: E402,F401
+from sls.petl import lora as _lora  # noqa: E402,F401
