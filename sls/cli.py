@@ -27,6 +27,15 @@ def _petl_options(pairs: list[str]) -> dict:
     return options
 
 
+def _count_or_all(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     from sls.pipeline import RunConfig
 
@@ -40,6 +49,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=d.img_size, help="input side in pixels (default: %(default)s)")
     parser.add_argument("--train-samples", type=int, default=d.train_samples, help="training images (default: %(default)s)")
     parser.add_argument("--test-samples", type=int, default=d.test_samples, help="test images (default: %(default)s)")
+    parser.add_argument("--analysis-samples", type=_count_or_all, default=d.analysis_samples,
+                        help="training images the blocks are scored on, or 'all' (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs (default: %(default)s)")
     parser.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs, help="retraining epochs after pruning (default: %(default)s)")
     parser.add_argument("--no-retrain", action="store_true", help="prune without retraining")
@@ -59,7 +70,8 @@ def _config_from(args: argparse.Namespace):
     return RunConfig(
         model=args.model, weights=args.weights, data=args.data, petl=args.petl,
         petl_options=_petl_options(args.petl_option), img_size=args.img_size,
-        train_samples=args.train_samples, test_samples=args.test_samples, epochs=args.epochs,
+        train_samples=args.train_samples, test_samples=args.test_samples,
+        analysis_samples=args.analysis_samples, epochs=args.epochs,
         retrain_epochs=args.retrain_epochs, retrain=not args.no_retrain, lr=args.lr,
         batch_size=args.batch_size, alpha=args.alpha, tsne=args.tsne, depth=args.depth,
         seed=args.seed, out=args.out, progress=not args.quiet,
@@ -100,11 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"sls: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _one_line_warning  # restored by catch_warnings
             return args.handler(args)
     except SLSError as err:
         print(f"sls: error: {err}", file=sys.stderr)

@@ -7,7 +7,10 @@ checkpoint exactly like a user's ``--weights FILE``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +57,31 @@ class BackboneInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def _timm_load_report():
+    """Collect the keys timm reports missing or unexpected while it loads weights."""
+    report: dict[str, list[str]] = {"missing": [], "unexpected": []}
+    pattern = re.compile(r"^(Missing|Unexpected) keys \((.*?)\) (?:discovered|found) while loading")
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            match = pattern.match(record.getMessage())
+            if match:
+                report[match.group(1).lower()] += [k.strip() for k in match.group(2).split(",") if k.strip()]
+
+    logger = logging.getLogger("timm.models._builder")
+    handler, level, propagate = Collect(level=logging.INFO), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # we report these ourselves
+    try:
+        yield report
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def fingerprint(model: nn.Module, exclude_prefixes: tuple[str, ...] = ("head.",)) -> str:
@@ -119,9 +147,11 @@ def create_backbone(
         kwargs["img_size"] = img_size
     if weights == RANDOM_WEIGHTS:
         # Seeded, so a task record made on random weights can be rebuilt and checked.
+        # Built headless so the head's size does not shift the random stream.
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            net = timm.create_model(timm_name, pretrained=False, **kwargs)
+            net = timm.create_model(timm_name, pretrained=False, **(kwargs | {"num_classes": 0}))
+            net.reset_classifier(num_classes)
         source = RANDOM_WEIGHTS
     elif weights is None:
         try:
@@ -137,13 +167,22 @@ def create_backbone(
         if not path.is_file():
             raise ConfigError(f"weights file {path} does not exist")
         try:
-            net = timm.create_model(
-                timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-            )
+            with _timm_load_report() as report:
+                net = timm.create_model(
+                    timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+                )
         except RuntimeError as err:
             first = str(err).strip().splitlines()
             detail = first[1].strip() if len(first) > 1 else first[0]
             raise ConfigError(f"weights file {path} does not fit {timm_name}: {detail}") from None
+        # timm loads non-strictly when it replaces the head: check the backbone keys ourselves.
+        for kind, keys in report.items():
+            backbone_keys = [k for k in keys if not k.startswith("head.")]
+            if backbone_keys:
+                shown = ", ".join(backbone_keys[:3]) + (", ..." if len(backbone_keys) > 3 else "")
+                raise ConfigError(
+                    f"weights file {path} does not fit {timm_name}: {len(backbone_keys)} {kind} keys ({shown})"
+                )
         source = str(path.resolve())
     family = _family(net)
     cfg = net.pretrained_cfg

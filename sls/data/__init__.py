@@ -23,6 +23,7 @@ __all__ = [
     "load_dataset",
     "make_transform",
     "split_dataset",
+    "stratified_subset",
 ]
 
 SPLIT_SEED = 0
@@ -57,7 +58,9 @@ class Splits:
         }
 
 
-def _stratified_subset(indices: np.ndarray, labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+def stratified_subset(indices: np.ndarray, labels: np.ndarray, size: int | None, seed: int = SPLIT_SEED) -> np.ndarray:
+    """``size`` of ``indices`` drawn with the class proportions kept (seeded), sorted;
+    all of them when ``size`` is None or not smaller."""
     if size is None or size >= len(indices):
         return np.sort(indices)
     n_classes = len(np.unique(labels[indices]))
@@ -99,9 +102,9 @@ def split_dataset(
     except ValueError as err:
         raise DataError(f"cannot split {len(labels)} samples by class: {err}") from None
     return Splits(
-        train=_stratified_subset(train, labels, train_size, seed),
+        train=stratified_subset(train, labels, train_size, seed),
         val=np.sort(val),
-        test=_stratified_subset(test, labels, test_size, seed),
+        test=stratified_subset(test, labels, test_size, seed),
     )
 
 

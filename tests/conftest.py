@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random timm ViTs and small in-memory data; no network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sls.data import ImageArrays
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Tests never read or write the user's cache, except the embedded-model tests,
+    # which point SLS_CACHE at their own session folder.
+    monkeypatch.setenv("SLS_CACHE", str(tmp_path_factory.getbasetemp() / "sls-cache"))
+
+
+@pytest.fixture
+def tiny_images():
+    """60 random 3x32x32 inputs with labels 0..2."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(60, 3, 32, 32, generator=generator)
+    labels = torch.arange(60) % 3
+    return images, labels
+
+
+def striped_arrays(n_per_class: int = 40, size: int = 16, seed: int = 0) -> ImageArrays:
+    """Three easy classes of grayscale images: horizontal, vertical or no stripes, plus noise."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(3):
+        for _ in range(n_per_class):
+            img = rng.integers(0, 60, size=(size, size))
+            if label == 0:
+                img[::4] += 180
+            elif label == 1:
+                img[:, ::4] += 180
+            images.append(np.clip(img, 0, 255).astype(np.uint8))
+            labels.append(label)
+    return ImageArrays(np.stack(images), np.array(labels), ["horizontal", "vertical", "plain"], "generated")

@@ -1,0 +1,91 @@
+"""Task folders: save, load, round trip, refusal of the wrong backbone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sls.artifact import RECORD_FILE, WEIGHTS_FILE, load_task, save_task, task_tensor_bytes
+from sls.backbones import create_backbone, truncate
+from sls.errors import TaskRecordError
+from sls.petl import create_petl
+
+
+def trained_task(tmp_path, petl="lora", depth=3, weights="random"):
+    model, info = create_backbone("test_vit", num_classes=4, weights=weights, img_size=32)
+    method = create_petl(petl)
+    method.apply(model)
+    truncate(model, depth)
+    # Stand-in for training: give every task tensor non-default values.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    record = {"backbone": info.to_dict(), "petl": {"method": method.name, "hparams": method.hparams},
+              "depth": depth, "num_classes": 4}
+    save_task(tmp_path / "task", model, record)
+    return model, tmp_path / "task"
+
+
+@pytest.mark.parametrize("petl", ["lora", "adapter"])
+def test_round_trip_gives_an_identical_model(tmp_path, tiny_images, petl):
+    model, task_dir = trained_task(tmp_path, petl)
+    loaded, record = load_task(task_dir)
+    assert record["depth"] == 3 and len(loaded.blocks) == 3
+    images, _ = tiny_images
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+def test_task_file_holds_only_kept_petl_and_head(tmp_path):
+    model, task_dir = trained_task(tmp_path, "lora", depth=2)
+    state = load_file(str(task_dir / WEIGHTS_FILE))
+    assert set(state) == {
+        *(f"blocks.{b}.attn.qkv.lora_{ab}.default.weight" for b in range(2) for ab in "AB"),
+        "head.weight", "head.bias",
+    }  # fmt: skip
+    assert (task_dir / WEIGHTS_FILE).stat().st_size == task_tensor_bytes(model)
+    # r=8 LoRA on a 64-wide qkv: A is 8x64, B is 192x8, per block; head 4x64 + 4.
+    assert sum(t.numel() for t in state.values()) == 2 * (8 * 64 + 192 * 8) + 4 * 64 + 4
+
+
+def test_wrong_backbone_is_refused(tmp_path):
+    _, task_dir = trained_task(tmp_path)
+    other, _ = create_backbone("test_vit", num_classes=0, weights="random")
+    with torch.no_grad():
+        other.blocks[0].norm1.weight.add_(0.5)
+    path = tmp_path / "other.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(TaskRecordError, match="differ from those task .* was trained on"):
+        load_task(task_dir, weights=path)
+
+
+def test_incomplete_or_inconsistent_folders(tmp_path):
+    with pytest.raises(TaskRecordError, match="record.json not found"):
+        load_task(tmp_path)
+    _, task_dir = trained_task(tmp_path)
+    (task_dir / WEIGHTS_FILE).unlink()
+    with pytest.raises(TaskRecordError, match="task.safetensors not found"):
+        load_task(task_dir)
+    record = json.loads((task_dir / RECORD_FILE).read_text())
+    record["depth"] = 4
+    (task_dir / RECORD_FILE).write_text(json.dumps(record))
+    _, other_dir = trained_task(tmp_path / "b")
+    (task_dir / WEIGHTS_FILE).write_bytes((other_dir / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(TaskRecordError, match="does not match its record"):
+        load_task(task_dir)
+    (task_dir / RECORD_FILE).write_text("{not json")
+    with pytest.raises(TaskRecordError, match="not valid JSON"):
+        load_task(task_dir)
+
+
+def test_saving_again_leaves_no_temporary_files(tmp_path):
+    model, task_dir = trained_task(tmp_path)
+    save_task(task_dir, model, json.loads((task_dir / RECORD_FILE).read_text()))
+    assert sorted(p.name for p in task_dir.iterdir()) == [RECORD_FILE, WEIGHTS_FILE]

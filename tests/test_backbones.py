@@ -1,0 +1,122 @@
+"""Backbone creation, one-pass block features and truncation on tiny random ViTs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sls.backbones import block_features, create_backbone, fingerprint, num_blocks, truncate
+from sls.bench import parameter_count
+from sls.errors import ConfigError, UnknownModelError
+from sls.petl import create_petl
+
+
+def loader_of(images, labels, batch_size=16):
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize("petl", [None, "lora", "adapter"])
+def test_block_features_equal_a_manual_forward(tiny_images, petl):
+    images, labels = tiny_images
+    model, info = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
+    if petl:
+        create_petl(petl).apply(model)
+    features, got_labels = block_features(model, loader_of(images, labels), progress=False)
+    assert len(features) == info.num_blocks == 6
+    np.testing.assert_array_equal(got_labels, labels.numpy())
+    # Independent computation: run the blocks by hand and take the CLS token.
+    with torch.no_grad():
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for block, feats in zip(model.blocks, features):
+            x = block(x)
+            assert feats.shape == (60, 64)
+            np.testing.assert_allclose(feats, x[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_mean_pooling_without_class_token(tiny_images):
+    images, labels = tiny_images
+    model, _ = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
+    model.cls_token = None
+    model.num_prefix_tokens = 0
+    model.pos_embed = torch.nn.Parameter(model.pos_embed[:, 1:].clone())
+    features, _ = block_features(model, loader_of(images, labels), progress=False)
+    tokens = model.forward_features(images[:4])  # after the final norm: compare the last block by hand
+    with torch.no_grad():
+        x = model._pos_embed(model.patch_embed(images[:4]))
+        for block in model.blocks:
+            x = block(x)
+    np.testing.assert_allclose(features[-1][:4], x.mean(dim=1).numpy(), rtol=1e-5, atol=1e-5)
+    assert tokens.shape[1] == 4  # 32 px / 16 px patches, no prefix token
+
+
+def test_truncation_removes_parameters_and_keeps_kept_block_outputs(tiny_images):
+    images, labels = tiny_images
+    model, _ = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
+    create_petl("lora").apply(model)
+    full_features, _ = block_features(model, loader_of(images, labels), progress=False)
+    per_block = parameter_count(model.blocks[0])
+
+    pruned = truncate(copy.deepcopy(model), 2)
+    assert num_blocks(pruned) == 2
+    assert parameter_count(model) - parameter_count(pruned) == 4 * per_block
+    assert not any(name.startswith("blocks.2.") for name in pruned.state_dict())
+    pruned_features, _ = block_features(pruned, loader_of(images, labels), progress=False)
+    for kept, full in zip(pruned_features, full_features[:2]):
+        np.testing.assert_array_equal(kept, full)
+    # The pruned model's logits are the full model's norm + head applied to block 2's tokens.
+    with torch.no_grad():
+        x = model._pos_embed(model.patch_embed(images))
+        for block in model.blocks[:2]:
+            x = block(x)
+        expected = model.head(model.norm(x)[:, 0])
+        np.testing.assert_allclose(pruned(images).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [0, 7, -1])
+def test_out_of_range_depth(depth):
+    model, _ = create_backbone("test_vit", num_classes=3, weights="random")
+    with pytest.raises(ConfigError, match=f"depth k={depth} is out of range: the model has blocks 1..6"):
+        truncate(model, depth)
+
+
+def test_random_weights_are_reproducible_and_fingerprinted():
+    first, info = create_backbone("test_vit", num_classes=3, weights="random")
+    second, again = create_backbone("test_vit", num_classes=5, weights="random")
+    assert info.fingerprint == again.fingerprint == fingerprint(first)  # the head does not count
+    with torch.no_grad():
+        second.blocks[0].attn.qkv.weight[0, 0] += 1e-3
+    assert fingerprint(second) != info.fingerprint
+
+
+def test_weights_file_goes_through_timm(tmp_path):
+    from safetensors.torch import save_file
+
+    source, info = create_backbone("test_vit", num_classes=3, weights="random")
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    with torch.no_grad():
+        state["cls_token"] = state["cls_token"] + 1.0
+    path = tmp_path / "my-weights.safetensors"
+    save_file(state, str(path))
+    model, loaded = create_backbone("test_vit", num_classes=7, weights=path)
+    assert loaded.weights == str(path.resolve())
+    torch.testing.assert_close(model.cls_token, state["cls_token"])
+    assert loaded.fingerprint != info.fingerprint
+    assert model.head.out_features == 7
+
+
+def test_wrong_architecture_weights_and_unknown_names(tmp_path):
+    from safetensors.torch import save_file
+
+    other, _ = create_backbone("test_vit2", num_classes=3, weights="random")
+    path = tmp_path / "other.safetensors"
+    save_file({k: v for k, v in other.state_dict().items() if not k.startswith("head.")}, str(path))
+    with pytest.raises(ConfigError, match="does not fit test_vit"):
+        create_backbone("test_vit", num_classes=3, weights=path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_backbone("test_vit", num_classes=3, weights=tmp_path / "missing.pth")
+    with pytest.raises(UnknownModelError, match="unknown model 'vit_nonexistent'"):
+        create_backbone("vit_nonexistent", num_classes=3)

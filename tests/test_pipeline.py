@@ -1,0 +1,86 @@
+"""The whole run on a tiny random ViT: task folder contents, consistency, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from sls.artifact import load_task
+from sls.data import ImageArrayDataset, load_dataset, make_transform
+from sls.pipeline import RunConfig, run
+from sls.select import select_depth
+from sls.train import accuracy
+
+# Enough training for the top block to separate the classes, so SLS prunes (k = 3 here).
+TINY = dict(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200,
+            test_samples=100, analysis_samples=None, epochs=5, lr=3e-2, batch_size=16, throughput_batch=8,
+            progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "task"
+    return run(RunConfig(**TINY, out=str(out))), out
+
+
+def test_task_folder_contents(tiny_run):
+    record, out = tiny_run
+    assert sorted(p.name for p in out.iterdir()) == ["record.json", "scores.csv", "scores.png", "task.safetensors"]
+    assert json.loads((out / "record.json").read_text())["depth"] == record["depth"]
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [float(r["score"]) for r in rows] == pytest.approx(record["scores"], abs=1e-6)
+    assert [int(r["kept"]) for r in rows] == [int(b <= record["depth"]) for b in range(1, 7)]
+    for field in ("backbone", "petl", "criterion", "alpha", "scores", "threshold", "depth", "seed", "data",
+                  "results", "sls_version", "config"):
+        assert field in record
+    assert record["backbone"]["fingerprint"] and record["data"]["splits"]["train"]["size"] == 200
+
+
+def test_record_is_consistent_with_the_rule_and_the_models(tiny_run):
+    record, out = tiny_run
+    assert record["scores"][-1] > 0 and 1 < record["depth"] < 6, "the tiny run should prune"
+    decision = select_depth(np.array(record["scores"]), record["alpha"])
+    assert record["threshold"] == pytest.approx(decision.threshold)
+    assert record["depth"] == record["selected_depth"] == decision.depth
+    params = record["results"]["parameters"]
+    # A test_vit block: norms 2x128, qkv 64x192+192, proj 64x64+64, fc1 64x192+192, fc2 192x64+64
+    # = 41,728 frozen parameters, plus LoRA r=8 on qkv: 8x64 + 192x8 = 2,048.
+    assert params["full"] - params["pruned"] == (6 - record["depth"]) * (41_728 + 2_048)
+    for value in record["results"]["accuracy"].values():
+        assert 0.0 <= value <= 1.0
+    assert record["results"]["throughput"]["full"] > 0 and record["results"]["throughput"]["pruned"] > 0
+
+
+def test_saved_task_reproduces_the_reported_accuracy(tiny_run):
+    record, out = tiny_run
+    model, _ = load_task(out)
+    data = load_dataset("digits")
+    from sls.data import split_dataset
+
+    splits = split_dataset(data.labels, train_size=200, test_size=100)
+    bb = record["backbone"]
+    loader = DataLoader(ImageArrayDataset(data, splits.test, make_transform(32, bb["mean"], bb["std"])), batch_size=50)
+    assert accuracy(model, loader, progress=False) == pytest.approx(record["results"]["accuracy"]["pruned_retrained"])
+
+
+def test_same_seed_same_scores_and_k(tiny_run, tmp_path):
+    record, _ = tiny_run
+    again = run(RunConfig(**TINY, out=str(tmp_path / "again")))
+    assert again["scores"] == record["scores"]
+    assert again["depth"] == record["depth"]
+    assert again["results"]["accuracy"] == record["results"]["accuracy"]
+
+
+def test_forced_depth_and_no_retrain(tmp_path):
+    record = run(RunConfig(**TINY | dict(epochs=1), depth=2, retrain=False, out=str(tmp_path / "t")))
+    assert record["selected_depth"] != 2 or record["selection_reason"] == "rule"
+    assert record["depth"] == 2
+    assert record["results"]["accuracy"]["pruned_retrained"] is None
+    model, _ = load_task(tmp_path / "t")
+    assert len(model.blocks) == 2
