@@ -35,3 +35,18 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def cache_dir() -> Path:
+    """Return the folder that holds converted weights and cached features.
+
+    Returns:
+        ``$SLS_CACHE`` when set, else ``$XDG_CACHE_HOME/sls``, else ``~/.cache/sls``.
+        The folder is not created here.
+    """
+    explicit = os.environ.get("SLS_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "sls"

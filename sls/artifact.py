@@ -2,7 +2,9 @@
 
 A task folder holds ``task.safetensors`` (the PETL parameters of the kept blocks and
 the head, nothing else) and ``record.json`` (how to rebuild the model: backbone name
-and fingerprint, PETL method and hyper-parameters, k, ...). :func:`load_task`
+and fingerprint, PETL method and hyper-parameters, k, ...). ``finetuned.safetensors``
+keeps the PETL parameters of all N blocks before pruning, for analysing or pruning
+again; the deployable task is the first two files. :func:`load_task`
 rebuilds the pruned model from the shared backbone plus those two files and refuses
 a backbone whose fingerprint differs from the record's.
 """
@@ -22,19 +24,29 @@ from sls.petl import create_petl, trainable_state
 
 RECORD_FILE = "record.json"
 WEIGHTS_FILE = "task.safetensors"
+FINETUNED_FILE = "finetuned.safetensors"
+STAGES = {"pruned": WEIGHTS_FILE, "finetuned": FINETUNED_FILE}
 RECORD_FORMAT = 1
 TENSOR_METADATA = {"format": "sls"}
 
 
-def save_task(task_dir: str | Path, model: nn.Module, record: dict) -> Path:
-    """Write the model's trainable tensors and the record into ``task_dir``.
+def save_tensors(path: Path, model: nn.Module) -> Path:
+    """Write the model's trainable tensors (PETL and head) to ``path``, atomically."""
+    state = trainable_state(model)
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=TENSOR_METADATA))
 
-    The tensors go first and the record last, each atomically, so a folder whose
-    record exists always holds the tensors that record describes.
+
+def save_task(task_dir: str | Path, model: nn.Module, record: dict, *, finetuned: nn.Module | None = None) -> Path:
+    """Write the pruned model's trainable tensors and the record into ``task_dir``.
+
+    ``finetuned`` (the unpruned PETL model) is saved too when given. The tensors go
+    first and the record last, each atomically, so a folder whose record exists
+    always holds the tensors that record describes.
     """
     task_dir = Path(task_dir)
-    state = trainable_state(model)
-    atomic_write(task_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata=TENSOR_METADATA))
+    if finetuned is not None:
+        save_tensors(task_dir / FINETUNED_FILE, finetuned)
+    save_tensors(task_dir / WEIGHTS_FILE, model)
     write_json(task_dir / RECORD_FILE, {"format": RECORD_FORMAT, **record})
     return task_dir
 
@@ -59,13 +71,17 @@ def read_record(task_dir: str | Path) -> dict:
     return record
 
 
-def load_task(task_dir: str | Path, *, weights: str | Path | None = None) -> tuple[nn.Module, dict]:
+def load_task(
+    task_dir: str | Path, *, weights: str | Path | None = None, stage: str = "pruned"
+) -> tuple[nn.Module, dict]:
     """Rebuild a task's pruned model from the shared backbone and the task folder.
 
     Args:
         task_dir: a folder written by :func:`save_task`.
         weights: the backbone's weights file; default: the record's (the embedded
             model's cache for embedded models).
+        stage: ``"pruned"`` (the task: k blocks) or ``"finetuned"`` (all N blocks
+            with their PETL modules, before pruning).
 
     Returns:
         the pruned model in eval mode, and the record.
@@ -93,9 +109,12 @@ def load_task(task_dir: str | Path, *, weights: str | Path | None = None) -> tup
             f"the backbone weights ({info.weights}) differ from those task {task_dir} was trained on "
             f"(fingerprint {info.fingerprint[:12]} != {backbone['fingerprint'][:12]}); pass the right --weights"
         )
+    if stage not in STAGES:
+        raise TaskRecordError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
     create_petl(record["petl"]["method"], **record["petl"]["hparams"]).apply(model)
-    truncate(model, int(record["depth"]))
-    weights_path = task_dir / WEIGHTS_FILE
+    if stage == "pruned":
+        truncate(model, int(record["depth"]))
+    weights_path = task_dir / STAGES[stage]
     if not weights_path.is_file():
         raise TaskRecordError(f"{weights_path} not found; the task folder is incomplete")
     state = load_file(str(weights_path))

@@ -37,13 +37,14 @@ def _count_or_all(text: str) -> int | None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    from sls.petl import list_petl
     from sls.pipeline import RunConfig
 
     d = RunConfig()
     parser.add_argument("--model", default=d.model, help="embedded model name or timm model name (default: %(default)s)")
     parser.add_argument("--weights", default=d.weights, help="local weights file for the timm model ('random' for random weights)")
     parser.add_argument("--data", default=d.data, help="mnist5k, fashion-mnist or digits (default: %(default)s)")
-    parser.add_argument("--petl", default=d.petl, help="PETL method: lora or adapter (default: %(default)s)")
+    parser.add_argument("--petl", default=d.petl, help=f"PETL method: {', '.join(list_petl())} (default: %(default)s)")
     parser.add_argument("--petl-option", action="append", default=[], metavar="KEY=VALUE",
                         help="PETL hyper-parameter, e.g. r=16 (repeatable)")
     parser.add_argument("--img-size", type=int, default=d.img_size, help="input side in pixels (default: %(default)s)")
@@ -98,6 +99,35 @@ def _demo(args: argparse.Namespace) -> int:
     return _execute(RunConfig(out=args.out, progress=not args.quiet))
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sls.analyze import AnalyzeConfig, analyze, depth_distribution
+
+    config = AnalyzeConfig(
+        model=args.model, weights=args.weights, task=args.task, data=args.data, img_size=args.img_size,
+        samples=args.samples, criteria=[c.strip() for c in args.criterion.split(",") if c.strip()],
+        alpha=args.alpha, tsne=args.tsne, perplexity=args.perplexity, pca_dims=args.pca, seeds=args.seeds,
+        seed=args.seed, use_cache=not args.no_cache, out=args.out, progress=not args.quiet,
+    )  # fmt: skip
+    summary = analyze(config)
+    table = Table(title=f"Block scores of {summary['model']} on {summary['data']['name']} "
+                        f"({summary['data']['samples']} training images)")  # fmt: skip
+    table.add_column("criterion")
+    table.add_column("k")
+    table.add_column(f"k over {config.seeds} seed(s)")
+    table.add_column("scores, block 1 -> N")
+    for res in summary["criteria"]:
+        scores = " ".join(f"{v:.2f}" for v in res["scores"])
+        table.add_row(res["criterion"], str(res["depth"]), depth_distribution(res["depths_per_seed"]), scores)
+    Console().print(table)
+    cached = "features from the cache" if summary["feature_cache_hit"] else "features computed and cached"
+    print(f"{cached}; results in {summary['config']['out']} (scores.csv, scores.json, scores.png"
+          f"{', tsne.png' if 'sls' in config.criteria else ''})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sls", description="Prune tail blocks of PETL-adapted vision transformers (SLS, ECCV 2024).")
     parser.add_argument("--version", action="version", version=f"sls {__version__}")
@@ -109,6 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="fine-tune, score blocks, prune to k, retrain, measure and save a task")
     _add_run_options(run)
     run.set_defaults(handler=_run)
+
+    from sls.criteria import list_criteria
+
+    analyze = commands.add_parser("analyze", help="score every block of a plain or PETL-tuned model; no training")
+    analyze.add_argument("--model", default="embedded-dinov2-s", help="embedded or timm model name (default: %(default)s)")
+    analyze.add_argument("--weights", default=None, help="local weights file for the backbone")
+    analyze.add_argument("--task", default=None, help="a task folder: analyse its fine-tuned PETL model (all blocks)")
+    analyze.add_argument("--data", default="mnist5k", help="mnist5k, fashion-mnist or digits (default: %(default)s)")
+    analyze.add_argument("--img-size", type=int, default=84, help="input side without --task (default: %(default)s)")
+    analyze.add_argument("--samples", type=_count_or_all, default=1000,
+                         help="training images scored, or 'all' (default: %(default)s)")
+    analyze.add_argument("--criterion", default="sls",
+                         help=f"comma-separated criteria among {', '.join(list_criteria())} (default: %(default)s)")
+    analyze.add_argument("--alpha", type=float, default=0.3, help="threshold factor (default: %(default)s)")
+    analyze.add_argument("--tsne", default="sklearn", choices=["sklearn", "opentsne"], help="t-SNE backend (default: %(default)s)")
+    analyze.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: %(default)s)")
+    analyze.add_argument("--pca", type=int, default=None, metavar="DIMS", help="PCA to DIMS dimensions before t-SNE")
+    analyze.add_argument("--seeds", type=int, default=1, help="seeds per stochastic criterion; k = the most frequent")
+    analyze.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    analyze.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    analyze.add_argument("--out", default=None, help="output folder (default: runs/analyze-<data>-<model>-<time>)")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+    analyze.set_defaults(handler=_analyze)
     return parser
 
 

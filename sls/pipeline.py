@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader
 
 from sls import __version__
 from sls.artifact import save_task, task_tensor_bytes
-from sls.backbones import block_features, create_backbone, truncate
+from sls.backbones import create_backbone, truncate
 from sls.bench import parameter_count, throughput
 from sls.data import ImageArrayDataset, load_dataset, make_transform, split_dataset, stratified_subset
 from sls.errors import ConfigError
+from sls.features import cached_block_features, feature_key_parts
 from sls.petl import create_petl
 from sls.report import plot_scores, write_scores_csv
 from sls.select import DepthSelector
@@ -134,10 +135,12 @@ def run(config: RunConfig) -> dict:
     acc_full = accuracy(model, test_loader, desc="test full", progress=config.progress)
 
     # 2-5. One pass for every block's pooled feature, scores, threshold, k.
-    features, labels = block_features(model, analysis_loader, progress=config.progress)
+    analysis, _ = cached_block_features(model, analysis_loader, progress=config.progress,
+                                        key_parts=feature_key_parts(config.data, "train", analysed, backbone.img_size,
+                                                                    backbone.mean, backbone.std, backbone.interpolation))
     selector = DepthSelector(alpha=config.alpha, criterion=config.criterion, tsne=config.tsne,
                              perplexity=config.perplexity, random_state=config.tsne_seed,
-                             progress=config.progress).fit(features, labels)
+                             progress=config.progress).fit(*analysis)
     depth = config.depth if config.depth is not None else selector.depth_
 
     # 6. The pruned model: blocks k+1..N really removed.
@@ -184,7 +187,7 @@ def run(config: RunConfig) -> dict:
     }
     record["results"]["storage_bytes"] = {"task": task_tensor_bytes(pruned)}
     record["results"]["seconds"] = round(time.perf_counter() - started, 1)
-    save_task(out, pruned, record)
+    save_task(out, pruned, record, finetuned=model)
     write_scores_csv(out / "scores.csv", selector.scores_, selector.threshold_, depth)
     plot_scores(out / "scores.png", selector.scores_, selector.threshold_, depth,
                 title=f"SLS scores: {backbone.model} + {petl.name} on {config.data}")

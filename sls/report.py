@@ -22,39 +22,89 @@ def write_scores_csv(path: str | Path, scores: np.ndarray, threshold: float, dep
     return write_text(path, scores_csv(scores, threshold, depth))
 
 
-def plot_scores(
-    path: str | Path,
-    scores: np.ndarray,
-    threshold: float,
-    depth: int,
-    *,
-    title: str = "",
-    ylabel: str = "t-SNE silhouette (SLS score)",
-) -> Path:
-    """Score per block, the threshold line and the chosen k, as a PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _pyplot().close(fig)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def _draw_scores(ax, scores, threshold, depth, *, std=None, title="", ylabel="score") -> None:
     blocks = np.arange(1, len(scores) + 1)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     colors = ["tab:blue" if b <= depth else "tab:gray" for b in blocks]
     ax.bar(blocks, scores, color=colors, alpha=0.35, width=0.7)
-    ax.plot(blocks, scores, "o-", color="tab:blue", label="score per block")
+    ax.errorbar(blocks, scores, yerr=std, fmt="o-", color="tab:blue", capsize=3, label="score per block")
     ax.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold T = {threshold:.3f}")
     ax.axvline(depth + 0.5, color="black", linestyle=":", label=f"k = {depth} (blocks > k dropped)")
     ax.set_xticks(blocks)
     ax.set_xlabel("block")
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
-    ax.legend(loc="best", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    ax.legend(loc="best", fontsize=7)
+
+
+def plot_scores(
+    path: str | Path,
+    scores: np.ndarray,
+    threshold: float,
+    depth: int,
+    *,
+    std: np.ndarray | None = None,
+    title: str = "",
+    ylabel: str = "t-SNE silhouette (SLS score)",
+) -> Path:
+    """Score per block, the threshold line and the chosen k, as a PNG."""
+    fig, ax = _pyplot().subplots(figsize=(6.4, 3.8), dpi=120)
+    _draw_scores(ax, scores, threshold, depth, std=std, title=title, ylabel=ylabel)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    return _save_png(fig, path)
+
+
+def plot_criteria(path: str | Path, results: list[dict]) -> Path:
+    """One panel per criterion: scores (mean +- std over seeds), threshold, k."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(results), 1, figsize=(6.4, 3.2 * len(results)), dpi=110, squeeze=False)
+    for ax, res in zip(axes[:, 0], results):
+        _draw_scores(ax, np.array(res["scores"]), res["threshold"], res["depth"], std=np.array(res["scores_std"]),
+                     title=f"{res['criterion']}: k = {res['depth']}", ylabel=res["label"])  # fmt: skip
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_embeddings(path: str | Path, embeddings: list[np.ndarray], labels: np.ndarray, scores, *, depth: int,
+                    classes: list[str] | None = None) -> Path:  # fmt: skip
+    """Grid of per-block 2-D t-SNE scatter plots coloured by class, with each block's score."""
+    plt = _pyplot()
+    n = len(embeddings)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), dpi=100, squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(np.unique(labels)) <= 10 else "tab20")
+    for block, ax in enumerate(axes.flat, start=1):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if block > n:
+            ax.axis("off")
+            continue
+        points = embeddings[block - 1]
+        ax.scatter(points[:, 0], points[:, 1], c=cmap(labels % cmap.N), s=3, linewidths=0)
+        kept = "kept" if block <= depth else "dropped"
+        ax.set_title(f"block {block}: {scores[block - 1]:.3f} ({kept})", fontsize=8)
+    if classes is not None and len(classes) <= 20:
+        handles = [plt.Line2D([], [], marker="o", linestyle="", color=cmap(i), markersize=4) for i in range(len(classes))]
+        fig.legend(handles, classes, loc="lower center", ncol=min(len(classes), 10), fontsize=7)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return _save_png(fig, path)
 
 
 def summary_rows(record: dict) -> list[tuple[str, str, str]]:

@@ -7,13 +7,14 @@ with a registered criterion and applies the SLS stop rule (:func:`select_depth`)
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from sls.criteria import get_criterion
+from sls.criteria import criterion_class
 from sls.errors import ConfigError
 
 DEFAULT_ALPHA = {"vit": 0.3, "swin": 0.3}
@@ -40,14 +41,18 @@ class DepthDecision:
     reason: str
 
 
-def select_depth(scores: np.ndarray, alpha: float) -> DepthDecision:
-    """Apply the SLS stop rule to per-block scores (bottom-up, block 1 first).
+def select_depth(scores: np.ndarray, alpha: float, kind: str = "quality") -> DepthDecision:
+    """Turn per-block scores (bottom-up, block 1 first) into k.
 
-    T = alpha * SC_N. Walk from the top block down; the first block i with
-    SC_i < T stops the walk and k = i + 1, the lowest block of the contiguous run
-    of passing blocks at the top. If no block fails, k = 1. If SC_N <= 0 the rule
-    is undefined: a warning is issued and all N blocks are kept. If block N itself
-    fails (alpha > 1), all N blocks are kept.
+    ``kind="quality"`` (SLS's rule): T = alpha * SC_N. Walk from the top block down;
+    the first block i with SC_i < T stops the walk and k = i + 1, the lowest block of
+    the contiguous run of passing blocks at the top. If no block fails, k = 1. If
+    SC_N <= 0 the rule is undefined: a warning is issued and all N blocks are kept.
+    If block N itself fails (alpha > 1), all N blocks are kept.
+
+    ``kind="importance"``: T = alpha * max_i SC_i; the tail blocks below T are
+    dropped, so k is the highest block with SC_k >= T (a non-positive maximum keeps
+    all blocks, with a warning).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or scores.size == 0:
@@ -55,6 +60,16 @@ def select_depth(scores: np.ndarray, alpha: float) -> DepthDecision:
     if not math.isfinite(alpha) or alpha < 0:
         raise ConfigError(f"alpha must be a finite number >= 0, got {alpha}")
     n_blocks = scores.size
+    if kind == "importance":
+        peak = scores.max()
+        threshold = float(alpha * peak)
+        if peak <= 0:
+            warnings.warn(f"no block has a positive score (max {peak:.4f}); keeping all blocks", stacklevel=2)
+            return DepthDecision(n_blocks, threshold, "top-nonpositive")
+        depth = int(np.nonzero(scores >= threshold)[0].max()) + 1
+        return DepthDecision(depth, threshold, "rule")
+    if kind != "quality":
+        raise ConfigError(f"unknown criterion kind {kind!r}")
     top = scores[-1]
     threshold = float(alpha * top)
     if top <= 0:
@@ -72,26 +87,38 @@ def select_depth(scores: np.ndarray, alpha: float) -> DepthDecision:
     return DepthDecision(1, threshold, "all-pass")
 
 
+def most_frequent_depth(depths: list[int]) -> int:
+    """The most frequent k; a tie goes to the larger k (pruning less is the safe side)."""
+    values, counts = np.unique(np.asarray(depths), return_counts=True)
+    return int(values[counts == counts.max()].max())
+
+
 class DepthSelector:
     """Choose how many bottom blocks of a network to keep.
 
     Hyper-parameters are stored untouched; :meth:`fit` validates and works.
 
     Args:
-        alpha: threshold factor, T = alpha * SC_N (paper: 0.3 for ViT).
+        alpha: threshold factor (paper: 0.3 for ViT); see :func:`select_depth`.
         criterion: name of a registered criterion (see :mod:`sls.criteria`).
         tsne: t-SNE backend for the ``sls`` criterion: ``"sklearn"`` or ``"opentsne"``.
         perplexity: t-SNE perplexity.
-        random_state: t-SNE seed.
+        pca_dims: project features on this many principal components before t-SNE.
+        random_state: seed of the first run of a stochastic criterion.
+        n_seeds: runs of a stochastic criterion, with seeds ``random_state``,
+            ``random_state + 1``, ...; k is the most frequent per-seed k (ties: the larger).
         n_jobs: worker processes for scoring blocks (default: one per core).
         progress: show a progress bar.
 
     Attributes:
-        scores_: ``(n_blocks,)`` score per block, bottom-up.
-        threshold_: T = alpha * SC_N.
+        scores_: ``(n_blocks,)`` score per block, bottom-up (mean over seeds).
+        scores_std_: ``(n_blocks,)`` standard deviation over seeds (zeros for one seed).
+        scores_per_seed_: ``(n_seeds, n_blocks)`` scores of each seed.
+        depths_per_seed_: k of each seed.
+        threshold_: T of the first seed that chose ``depth_``.
         depth_: k, the 1-based number of kept blocks.
         reason_: why the walk stopped (see :class:`DepthDecision`).
-        embeddings_: per-block scaled 2-D t-SNE points (``sls`` criterion only).
+        embeddings_: scaled 2-D t-SNE points per block of the first seed (``sls`` only).
         n_blocks_: number of blocks scored.
     """
 
@@ -101,7 +128,9 @@ class DepthSelector:
         criterion: str = "sls",
         tsne: str = "sklearn",
         perplexity: float = 30.0,
+        pca_dims: int | None = None,
         random_state: int = 0,
+        n_seeds: int = 1,
         n_jobs: int | None = None,
         progress: bool = False,
     ) -> None:
@@ -109,40 +138,67 @@ class DepthSelector:
         self.criterion = criterion
         self.tsne = tsne
         self.perplexity = perplexity
+        self.pca_dims = pca_dims
         self.random_state = random_state
+        self.n_seeds = n_seeds
         self.n_jobs = n_jobs
         self.progress = progress
 
-    def fit(self, features: list[np.ndarray], labels: np.ndarray) -> DepthSelector:
+    def _make_criterion(self):
+        offered = dict(backend=self.tsne, perplexity=self.perplexity, pca_dims=self.pca_dims,
+                       n_jobs=self.n_jobs, progress=self.progress)  # fmt: skip
+        cls = criterion_class(self.criterion)
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in offered.items() if k in accepted})
+
+    def fit(
+        self,
+        features: list[np.ndarray],
+        labels: np.ndarray,
+        block_input: np.ndarray | None = None,
+    ) -> DepthSelector:
         """Score every block and choose the depth.
 
         Args:
             features: one ``(n, d)`` array per block, bottom-up.
             labels: ``(n,)`` integer class labels.
+            block_input: ``(n, d)`` pooled input of block 1 (needed by ``block-influence``).
 
         Returns:
             self
         """
         if not math.isfinite(self.alpha) or self.alpha < 0:
             raise ConfigError(f"alpha must be a finite number >= 0, got {self.alpha}")
-        score = get_criterion(self.criterion)
-        self.embeddings_ = None
-        if self.criterion == "sls":
-            self.scores_, self.embeddings_ = score(
-                features,
-                labels,
-                backend=self.tsne,
-                perplexity=self.perplexity,
-                random_state=self.random_state,
-                n_jobs=self.n_jobs,
-                progress=self.progress,
-                return_embeddings=True,
-            )
-        else:
-            self.scores_ = np.asarray(score(features, labels), dtype=np.float64)
+        if self.n_seeds < 1:
+            raise ConfigError(f"n_seeds must be >= 1, got {self.n_seeds}")
+        criterion = self._make_criterion()
+        seeds = [self.random_state + i for i in range(self.n_seeds if criterion.stochastic else 1)]
+        runs, self.embeddings_ = [], None
+        try:
+            for seed in seeds:
+                runs.append(np.asarray(criterion.score(features, labels, block_input=block_input, random_state=seed),
+                                       dtype=np.float64))  # fmt: skip
+                if self.embeddings_ is None:
+                    self.embeddings_ = getattr(criterion, "embeddings_", None)
+        finally:
+            _stop_idle_workers()
+        self.scores_per_seed_ = np.stack(runs)
+        self.scores_ = self.scores_per_seed_.mean(axis=0)
+        self.scores_std_ = self.scores_per_seed_.std(axis=0)
         self.n_blocks_ = len(self.scores_)
-        decision = select_depth(self.scores_, self.alpha)
-        self.threshold_ = decision.threshold
-        self.depth_ = decision.depth
-        self.reason_ = decision.reason
+        decisions = [select_depth(run, self.alpha, criterion.kind) for run in runs]
+        self.depths_per_seed_ = [d.depth for d in decisions]
+        self.depth_ = most_frequent_depth(self.depths_per_seed_)
+        chosen = next(d for d in decisions if d.depth == self.depth_)
+        self.threshold_ = chosen.threshold
+        self.reason_ = chosen.reason
+        self.kind_ = criterion.kind
         return self
+
+
+def _stop_idle_workers() -> None:
+    # Idle joblib workers' OpenMP threads keep spinning for a while and would slow
+    # the training and timing that follow: stop them now.
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)

@@ -25,12 +25,13 @@ def test_block_features_equal_a_manual_forward(tiny_images, petl):
     model, info = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
     if petl:
         create_petl(petl).apply(model)
-    features, got_labels = block_features(model, loader_of(images, labels), progress=False)
+    features, got_labels, block_input = block_features(model, loader_of(images, labels), progress=False)
     assert len(features) == info.num_blocks == 6
     np.testing.assert_array_equal(got_labels, labels.numpy())
     # Independent computation: run the blocks by hand and take the CLS token.
     with torch.no_grad():
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        np.testing.assert_allclose(block_input, x[:, 0].numpy(), rtol=1e-5, atol=1e-5)
         for block, feats in zip(model.blocks, features):
             x = block(x)
             assert feats.shape == (60, 64)
@@ -43,7 +44,7 @@ def test_mean_pooling_without_class_token(tiny_images):
     model.cls_token = None
     model.num_prefix_tokens = 0
     model.pos_embed = torch.nn.Parameter(model.pos_embed[:, 1:].clone())
-    features, _ = block_features(model, loader_of(images, labels), progress=False)
+    features, _, _ = block_features(model, loader_of(images, labels), progress=False)
     tokens = model.forward_features(images[:4])  # after the final norm: compare the last block by hand
     with torch.no_grad():
         x = model._pos_embed(model.patch_embed(images[:4]))
@@ -57,14 +58,14 @@ def test_truncation_removes_parameters_and_keeps_kept_block_outputs(tiny_images)
     images, labels = tiny_images
     model, _ = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
     create_petl("lora").apply(model)
-    full_features, _ = block_features(model, loader_of(images, labels), progress=False)
+    full_features, _, _ = block_features(model, loader_of(images, labels), progress=False)
     per_block = parameter_count(model.blocks[0])
 
     pruned = truncate(copy.deepcopy(model), 2)
     assert num_blocks(pruned) == 2
     assert parameter_count(model) - parameter_count(pruned) == 4 * per_block
     assert not any(name.startswith("blocks.2.") for name in pruned.state_dict())
-    pruned_features, _ = block_features(pruned, loader_of(images, labels), progress=False)
+    pruned_features, _, _ = block_features(pruned, loader_of(images, labels), progress=False)
     for kept, full in zip(pruned_features, full_features[:2]):
         np.testing.assert_array_equal(kept, full)
     # The pruned model's logits are the full model's norm + head applied to block 2's tokens.

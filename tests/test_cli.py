@@ -50,3 +50,47 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys, extra, message
 def test_console_script_entry_point():
     done = subprocess.run([sys.executable, "-m", "sls.cli", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("sls ")
+
+
+ANALYZE = ["analyze", "--model", "test_vit", "--weights", "random", "--data", "digits", "--img-size", "32",
+           "--samples", "200", "--quiet"]  # fmt: skip
+
+
+def test_analyze_writes_scores_and_reuses_cached_features(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main([*ANALYZE, "--criterion", "sls,cka,block-influence", "--seeds", "2", "--out", str(first)]) == 0
+    assert "features computed and cached" in capsys.readouterr().out
+    assert sorted(p.name for p in first.iterdir()) == ["scores.csv", "scores.json", "scores.png", "tsne.png"]
+    summary = json.loads((first / "scores.json").read_text())
+    assert [c["criterion"] for c in summary["criteria"]] == ["sls", "cka", "block-influence"]
+    sls_result = summary["criteria"][0]
+    assert len(sls_result["scores_per_seed"]) == 2 and len(sls_result["depths_per_seed"]) == 2
+    rows = (first / "scores.csv").read_text().splitlines()
+    assert rows[0] == "criterion,block,score,std,kept" and len(rows) == 1 + 3 * 6
+
+    second = tmp_path / "second"
+    assert main([*ANALYZE, "--criterion", "silhouette", "--out", str(second)]) == 0
+    assert "features from the cache" in capsys.readouterr().out
+    assert json.loads((second / "scores.json").read_text())["feature_cache_hit"] is True
+    assert not (second / "tsne.png").exists()
+
+
+def test_analyze_a_task_uses_its_finetuned_model(tmp_path, capsys):
+    task = tmp_path / "task"
+    assert main([*TINY, "--out", str(task)]) == 0
+    record = json.loads((task / "record.json").read_text())
+    capsys.readouterr()
+    out = tmp_path / "analysis"
+    assert main([*ANALYZE[:1], "--task", str(task), "--data", "digits", "--samples", "200", "--quiet",
+                 "--out", str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "scores.json").read_text())
+    assert len(summary["criteria"][0]["scores"]) == record["backbone"]["num_blocks"]
+    # The run scored the same 200 training images of the same fine-tuned model: same features, same scores.
+    assert summary["feature_cache_hit"] is True
+    assert summary["criteria"][0]["scores"] == pytest.approx(record["scores"])
+
+
+def test_analyze_refuses_unknown_criterion_before_any_work(tmp_path, capsys):
+    assert main([*ANALYZE, "--criterion", "sls,nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown criterion 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -30,7 +30,9 @@ def tiny_run(tmp_path_factory):
 
 def test_task_folder_contents(tiny_run):
     record, out = tiny_run
-    assert sorted(p.name for p in out.iterdir()) == ["record.json", "scores.csv", "scores.png", "task.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "finetuned.safetensors", "record.json", "scores.csv", "scores.png", "task.safetensors"
+    ]
     assert json.loads((out / "record.json").read_text())["depth"] == record["depth"]
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "scores.csv").open()))

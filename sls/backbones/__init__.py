@@ -13,6 +13,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -215,29 +216,40 @@ def truncate(model: nn.Module, depth: int) -> nn.Module:
     return vit.truncate(model, depth)
 
 
+class BlockFeatures(NamedTuple):
+    """Pooled features of one pass: one ``(n, d)`` array per block (bottom-up), the
+    ``(n,)`` labels, and the ``(n, d)`` pooled input of block 1."""
+
+    features: list[np.ndarray]
+    labels: np.ndarray
+    block_input: np.ndarray
+
+
 @torch.inference_mode()
 def block_features(
     model: nn.Module,
     loader: DataLoader,
     *,
     progress: bool = True,
-) -> tuple[list[np.ndarray], np.ndarray]:
+) -> BlockFeatures:
     """Pooled output of every block for every image, in ONE forward pass.
 
-    Forward hooks on the blocks collect each block's pooled tokens while the
-    model runs ``forward_features`` once per batch (the head is not run).
-
-    Returns:
-        ``features``: one ``(n, d)`` float32 array per block, bottom-up, and the
-        ``(n,)`` labels in loader order.
+    Forward hooks on the blocks collect each block's pooled tokens (and the pooled
+    input of block 1) while the model runs ``forward_features`` once per batch (the
+    head is not run).
     """
     model.eval()
-    collected: list[list[torch.Tensor]] = [[] for _ in vit.blocks(model)]
-    hooks = [
-        block.register_forward_hook(
-            lambda _m, _inp, out, store=store: store.append(vit.pool_tokens(model, out).float().cpu())
-        )
-        for block, store in zip(vit.blocks(model), collected)
+    stack = vit.blocks(model)
+    collected: list[list[torch.Tensor]] = [[] for _ in stack]
+    first_input: list[torch.Tensor] = []
+
+    def pooled(tokens: torch.Tensor) -> torch.Tensor:
+        return vit.pool_tokens(model, tokens).float().cpu()
+
+    hooks = [stack[0].register_forward_pre_hook(lambda _m, args: first_input.append(pooled(args[0])))]
+    hooks += [
+        block.register_forward_hook(lambda _m, _inp, out, store=store: store.append(pooled(out)))
+        for block, store in zip(stack, collected)
     ]
     labels = []
     try:
@@ -247,5 +259,8 @@ def block_features(
     finally:
         for hook in hooks:
             hook.remove()
-    features = [torch.cat(store).numpy() for store in collected]
-    return features, torch.cat(labels).numpy().astype(np.int64)
+    return BlockFeatures(
+        features=[torch.cat(store).numpy() for store in collected],
+        labels=torch.cat(labels).numpy().astype(np.int64),
+        block_input=torch.cat(first_input).numpy(),
+    )

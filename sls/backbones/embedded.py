@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sls._io import atomic_write
+from sls._io import atomic_write, cache_dir
 from sls.errors import EmbeddedAssetError, UnknownModelError
 
 if TYPE_CHECKING:
@@ -75,21 +75,6 @@ _CLS_POS_NODE = "/backbone/embeddings/Concat_6"
 _GRID_POS_NODE = "/backbone/embeddings/Reshape_1"
 
 _CHUNK = 1 << 20
-
-
-def cache_dir() -> Path:
-    """Return the folder that holds converted weights.
-
-    Returns:
-        ``$SLS_CACHE`` when set, else ``$XDG_CACHE_HOME/sls``, else ``~/.cache/sls``.
-        The folder is not created here.
-    """
-    explicit = os.environ.get("SLS_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "sls"
 
 
 def find_onnx(model: EmbeddedModel) -> Path:

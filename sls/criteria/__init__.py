@@ -1,45 +1,86 @@
 """Layer criteria: one score per block, computed from pooled block features.
 
-A criterion is a function ``score(features, labels, **options) -> np.ndarray`` that
-takes the per-block features (a list of ``(n, d)`` arrays, bottom-up) and the
-``(n,)`` integer labels and returns one float per block, higher meaning "this block
-already separates the task". Register one with :func:`register_criterion`; look one
-up with :func:`get_criterion`. Criteria are pure numpy / scikit-learn: no torch.
+A criterion is a :class:`Criterion` subclass registered with :func:`register_criterion`
+(one file, one decorator). Its :meth:`Criterion.score` takes the per-block features
+(a list of ``(n, d)`` arrays, bottom-up), the ``(n,)`` integer labels, the pooled
+input of block 1 and a seed, and returns one float per block. Its ``kind`` says how
+:func:`sls.select.select_depth` turns the scores into k:
+
+- ``"quality"``: how well block i's output already serves the task (higher is better,
+  typically rising with depth). The SLS rule applies: T = alpha * score_N, walk down
+  from the top, the first block below T stops the walk.
+- ``"importance"``: how much block i changes the representation. Tail blocks below
+  T = alpha * max(score) are dropped: k is the highest block at or above T.
+
+Criteria are pure numpy / scikit-learn: no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 
 from sls.errors import ConfigError, ScoreError
 
-Criterion = Callable[..., np.ndarray]
-
-_CRITERIA: dict[str, Criterion] = {}
+KINDS = ("quality", "importance")
 
 
-def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Decorator that registers a criterion under ``name``."""
+class Criterion:
+    """Base class of layer criteria; subclasses set ``name`` and ``kind``.
 
-    def add(fn: Criterion) -> Criterion:
-        if name in _CRITERIA:
-            raise ValueError(f"criterion {name!r} is registered twice")
-        _CRITERIA[name] = fn
-        return fn
+    Attributes:
+        name: registry name.
+        kind: ``"quality"`` or ``"importance"`` (see the module docstring).
+        needs_input: whether :meth:`score` needs the input of block 1.
+        stochastic: whether the score depends on ``random_state``.
+        label: axis label for plots.
+    """
 
-    return add
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    needs_input: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = False
+    label: ClassVar[str] = "score"
+
+    def score(
+        self,
+        features: list[np.ndarray],
+        labels: np.ndarray,
+        *,
+        block_input: np.ndarray | None = None,
+        random_state: int = 0,
+    ) -> np.ndarray:
+        """``(n_blocks,)`` scores, bottom-up."""
+        raise NotImplementedError
 
 
-def get_criterion(name: str) -> Criterion:
-    """Return the criterion registered as ``name``."""
+_CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def register_criterion(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator registering a criterion under ``cls.name``."""
+    if cls.name in _CRITERIA:
+        raise ValueError(f"criterion {cls.name!r} is registered twice")
+    if cls.kind not in KINDS:
+        raise ValueError(f"criterion {cls.name!r} has kind {cls.kind!r}; expected one of {KINDS}")
+    _CRITERIA[cls.name] = cls
+    return cls
+
+
+def criterion_class(name: str) -> type[Criterion]:
+    """The criterion class registered as ``name``."""
     try:
         return _CRITERIA[name]
     except KeyError:
         raise ConfigError(
             f"unknown criterion {name!r}; choose one of: {', '.join(list_criteria())}"
         ) from None
+
+
+def get_criterion(name: str, **options) -> Criterion:
+    """An instance of the criterion registered as ``name``, built with ``options``."""
+    return criterion_class(name)(**options)
 
 
 def list_criteria() -> list[str]:
@@ -84,5 +125,14 @@ def check_features(features: list[np.ndarray], labels: np.ndarray) -> tuple[list
     return checked, labels.astype(np.int64)
 
 
-# Importing the modules registers their criteria.
-from sls.criteria import silhouette as _silhouette  # noqa: E402,F401
+def _register_all() -> None:
+    # Every module of this package registers its criteria on import, so a new
+    # criterion is one file with one decorator.
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()

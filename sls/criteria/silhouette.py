@@ -1,19 +1,22 @@
-"""The SLS criterion: silhouette of a 2-D t-SNE of each block's features.
+"""Silhouette criteria: the paper's t-SNE silhouette (``sls``) and the raw-feature one.
 
-Paper-faithful settings (Han & Tang, ECCV 2024): scikit-learn t-SNE with two
-components, PCA initialisation, perplexity 30 and ``random_state=0``; each axis of
-the embedding min-max scaled to [0, 1]; the silhouette (Euclidean) of that
-embedding with the true labels as clusters. Every t-SNE argument is passed
-explicitly so the scores do not move when scikit-learn changes a default.
+SLS (Han & Tang, ECCV 2024): scikit-learn t-SNE with two components, PCA
+initialisation, perplexity 30 and ``random_state=0``; each axis of the embedding
+min-max scaled to [0, 1]; the silhouette (Euclidean) of that embedding with the true
+labels as clusters. Every t-SNE argument is passed explicitly so the scores do not
+move when a library changes a default.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from sls.criteria import check_features, register_criterion
+from sls.criteria import Criterion, check_features, register_criterion
 from sls.errors import ConfigError, ScoreError
 
 TSNE_BACKENDS = ("sklearn", "opentsne")
@@ -25,14 +28,21 @@ def tsne_embedding(
     backend: str = "sklearn",
     perplexity: float = 30.0,
     random_state: int = 0,
+    pca_dims: int | None = None,
 ) -> np.ndarray:
-    """2-D t-SNE of ``features`` (n, d), each axis min-max scaled to [0, 1]."""
+    """2-D t-SNE of ``features`` (n, d), each axis min-max scaled to [0, 1].
+
+    ``pca_dims`` first projects the features on their top principal components
+    (deterministic full SVD), which speeds up the neighbour search on wide features.
+    """
     n = features.shape[0]
     if n <= 3 * perplexity:
         raise ScoreError(
             f"t-SNE with perplexity {perplexity:g} needs more than {3 * perplexity:g} samples, "
             f"got {n}; use more images or a smaller perplexity"
         )
+    if pca_dims is not None and pca_dims < min(features.shape):
+        features = PCA(n_components=pca_dims, svd_solver="full").fit_transform(features)
     if backend == "sklearn":
         embedding = TSNE(
             n_components=2,
@@ -84,70 +94,73 @@ def min_max_scale(points: np.ndarray) -> np.ndarray:
     return (points - low) / np.where(span > 0, span, 1.0)
 
 
-def tsne_silhouette_block(
-    features: np.ndarray,
-    labels: np.ndarray,
-    *,
-    backend: str = "sklearn",
-    perplexity: float = 30.0,
-    random_state: int = 0,
-) -> tuple[float, np.ndarray]:
+def tsne_silhouette_block(features: np.ndarray, labels: np.ndarray, **tsne_options) -> tuple[float, np.ndarray]:
     """Score of one block and its scaled embedding: ``(silhouette, (n, 2) points)``."""
-    embedding = tsne_embedding(features, backend=backend, perplexity=perplexity, random_state=random_state)
+    embedding = tsne_embedding(features, **tsne_options)
     return float(silhouette_score(embedding, labels, metric="euclidean")), embedding
 
 
-@register_criterion("sls")
-def tsne_silhouette(
-    features: list[np.ndarray],
-    labels: np.ndarray,
-    *,
-    backend: str = "sklearn",
-    perplexity: float = 30.0,
-    random_state: int = 0,
-    n_jobs: int | None = None,
-    progress: bool = False,
-    return_embeddings: bool = False,
-) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
-    """SLS score of every block: silhouette of its min-max-scaled 2-D t-SNE.
+@register_criterion
+class TSNESilhouette(Criterion):
+    """SLS: silhouette of each block's min-max-scaled 2-D t-SNE against the labels.
 
     Blocks are independent, so they run in ``n_jobs`` worker processes (default: one
-    per core, at most one per block); results do not depend on ``n_jobs``.
+    per core, at most one per block); the scores do not depend on ``n_jobs``. After
+    :meth:`score`, ``embeddings_`` holds each block's scaled 2-D points.
 
     Args:
-        features: one ``(n, d)`` array per block, bottom-up.
-        labels: ``(n,)`` integer class labels.
         backend: ``"sklearn"`` (paper-faithful) or ``"opentsne"`` (faster).
         perplexity: t-SNE perplexity.
-        random_state: t-SNE seed; the same seed gives the same scores.
+        pca_dims: project on this many principal components before t-SNE (None: off).
         n_jobs: worker processes; ``1`` runs in this process.
         progress: show a progress bar over blocks.
-        return_embeddings: also return each block's scaled 2-D embedding.
-
-    Returns:
-        ``(n_blocks,)`` scores, and the embeddings if asked.
     """
-    from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
 
-    features, labels = check_features(features, labels)
-    if backend not in TSNE_BACKENDS:
-        raise ConfigError(f"unknown t-SNE backend {backend!r}; choose one of: {', '.join(TSNE_BACKENDS)}")
-    if n_jobs is None:
-        import os
+    name = "sls"
+    kind = "quality"
+    stochastic = True
+    label = "t-SNE silhouette (SLS score)"
 
-        n_jobs = min(len(features), os.cpu_count() or 1)
-    job = delayed(tsne_silhouette_block)
-    tasks = (job(f, labels, backend=backend, perplexity=perplexity, random_state=random_state) for f in features)
-    results = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
-    results = list(tqdm(results, total=len(features), desc="t-SNE per block", unit="block", disable=not progress))
-    if n_jobs != 1:
-        # Idle workers' OpenMP threads keep spinning for a while and would slow the
-        # training and timing that follow: stop them now.
-        from joblib.externals.loky import get_reusable_executor
+    def __init__(
+        self,
+        backend: str = "sklearn",
+        perplexity: float = 30.0,
+        pca_dims: int | None = None,
+        n_jobs: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        if backend not in TSNE_BACKENDS:
+            raise ConfigError(f"unknown t-SNE backend {backend!r}; choose one of: {', '.join(TSNE_BACKENDS)}")
+        self.backend = backend
+        self.perplexity = perplexity
+        self.pca_dims = pca_dims
+        self.n_jobs = n_jobs
+        self.progress = progress
 
-        get_reusable_executor().shutdown(wait=True)
-    scores = np.array([score for score, _ in results])
-    if return_embeddings:
-        return scores, [embedding for _, embedding in results]
-    return scores
+    def score(self, features, labels, *, block_input=None, random_state=0):
+        from joblib import Parallel, delayed
+        from tqdm.auto import tqdm
+
+        features, labels = check_features(features, labels)
+        n_jobs = self.n_jobs or min(len(features), os.cpu_count() or 1)
+        options = dict(backend=self.backend, perplexity=self.perplexity, random_state=random_state,
+                       pca_dims=self.pca_dims)  # fmt: skip
+        tasks = (delayed(tsne_silhouette_block)(f, labels, **options) for f in features)
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
+        results = list(tqdm(results, total=len(features), desc=f"t-SNE per block (seed {random_state})",
+                            unit="block", disable=not self.progress))  # fmt: skip
+        self.embeddings_ = [embedding for _, embedding in results]
+        return np.array([score for score, _ in results])
+
+
+@register_criterion
+class RawSilhouette(Criterion):
+    """Silhouette of each block's raw features against the labels (no t-SNE)."""
+
+    name = "silhouette"
+    kind = "quality"
+    label = "silhouette of raw features"
+
+    def score(self, features, labels, *, block_input=None, random_state=0):
+        features, labels = check_features(features, labels)
+        return np.array([silhouette_score(f, labels, metric="euclidean") for f in features])

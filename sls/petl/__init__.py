@@ -54,6 +54,17 @@ class PETLMethod:
             raise ConfigError(f"{self.name} found no module to adapt in {type(model).__name__}")
         return model
 
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the inserted modules into the backbone's own layers (in place).
+
+        Only re-parameterisable methods can; the merged model has the plain
+        backbone's structure. Returns ``model``.
+
+        Raises:
+            ConfigError: the method cannot be merged.
+        """
+        raise ConfigError(f"{self.name} cannot be merged")
+
 
 _METHODS: dict[str, type[PETLMethod]] = {}
 
@@ -86,4 +97,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # Importing the modules registers the methods.
 from sls.petl import adapter as _adapter  # noqa: E402,F401
+from sls.petl import convpass as _convpass  # noqa: E402,F401
 from sls.petl import lora as _lora  # noqa: E402,F401
+from sls.petl import repadapter as _repadapter  # noqa: E402,F401

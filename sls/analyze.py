@@ -1,0 +1,142 @@
+"""Score every block of a plain or PETL-tuned model, with any criteria, training nothing.
+
+model (+ task) -> block features (one pass, cached) -> each criterion over seeds -> k
+-> scores.csv, scores.json, scores.png, tsne.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from sls import __version__
+from sls._io import write_json, write_text
+from sls.artifact import load_task, read_record
+from sls.backbones import create_backbone
+from sls.criteria import criterion_class
+from sls.data import ImageArrayDataset, load_dataset, make_transform, split_dataset, stratified_subset
+from sls.errors import ConfigError
+from sls.features import cached_block_features, feature_key_parts
+from sls.report import plot_criteria, plot_embeddings
+from sls.select import DepthSelector
+
+
+@dataclass
+class AnalyzeConfig:
+    """What ``sls analyze`` depends on; dumped resolved into ``scores.json``.
+
+    ``task`` analyses a task folder's fine-tuned model (all N blocks, with their PETL
+    modules) at the record's image size; otherwise the plain backbone ``model``.
+    """
+
+    model: str = "embedded-dinov2-s"
+    weights: str | None = None
+    task: str | None = None
+    data: str = "mnist5k"
+    img_size: int = 84
+    samples: int | None = 1000
+    criteria: list[str] = field(default_factory=lambda: ["sls"])
+    alpha: float = 0.3
+    tsne: str = "sklearn"
+    perplexity: float = 30.0
+    pca_dims: int | None = None
+    seeds: int = 1
+    seed: int = 0
+    use_cache: bool = True
+    out: str | None = None
+    progress: bool = True
+
+
+def analyze(config: AnalyzeConfig) -> dict:
+    """Score the blocks with every requested criterion; write and return the results."""
+    started = time.perf_counter()
+    for name in config.criteria:
+        criterion_class(name)  # fail on a typo before any forward pass
+    if config.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {config.seeds}")
+    data = load_dataset(config.data)
+    if config.task:
+        record = read_record(config.task)
+        model, _ = load_task(config.task, weights=config.weights, stage="finetuned")
+        backbone = record["backbone"]
+        name, img_size = backbone["model"], backbone["img_size"]
+        mean, std, interpolation = backbone["mean"], backbone["std"], backbone["interpolation"]
+    else:
+        model, info = create_backbone(config.model, num_classes=len(data.classes), weights=config.weights,
+                                      img_size=config.img_size)  # fmt: skip
+        name, img_size, mean, std, interpolation = info.model, info.img_size, info.mean, info.std, info.interpolation
+    # A task's own data is split as its run split it, so the same images are scored.
+    sizes = {}
+    if config.task and record["data"]["name"] == config.data:
+        sizes = {k: record["config"].get(f"{k}_samples") for k in ("train", "test")}
+    splits = split_dataset(data.labels, train_size=sizes.get("train"), test_size=sizes.get("test"))
+    indices = stratified_subset(splits.train, data.labels, config.samples)
+    transform = make_transform(img_size, mean, std, interpolation)
+    loader = DataLoader(ImageArrayDataset(data, indices, transform), batch_size=64, shuffle=False)
+    key = feature_key_parts(config.data, "train", indices, img_size, mean, std, interpolation)
+    (features, labels, block_input), cache_hit = cached_block_features(
+        model, loader, key_parts=key, use_cache=config.use_cache, progress=config.progress
+    )
+
+    results = []
+    embeddings = None
+    for criterion in config.criteria:
+        selector = DepthSelector(alpha=config.alpha, criterion=criterion, tsne=config.tsne,
+                                 perplexity=config.perplexity, pca_dims=config.pca_dims, random_state=config.seed,
+                                 n_seeds=config.seeds, progress=config.progress).fit(features, labels, block_input)  # fmt: skip
+        if criterion == "sls":
+            embeddings = (selector.embeddings_, selector.scores_per_seed_[0], selector.depths_per_seed_[0])
+        results.append({
+            "criterion": criterion,
+            "kind": selector.kind_,
+            "label": criterion_class(criterion).label,
+            "scores": selector.scores_.tolist(),
+            "scores_std": selector.scores_std_.tolist(),
+            "scores_per_seed": selector.scores_per_seed_.tolist(),
+            "depths_per_seed": selector.depths_per_seed_,
+            "depth": selector.depth_,
+            "threshold": selector.threshold_,
+            "reason": selector.reason_,
+        })  # fmt: skip
+
+    out = Path(config.out) if config.out else Path("runs") / f"analyze-{config.data}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = {
+        "sls_version": __version__,
+        "model": name,
+        "task": config.task,
+        "data": {"name": config.data, "split": "train", "samples": int(len(indices))},
+        "depth_rule": "quality criteria: SLS top-down rule with T = alpha * score_N; importance criteria: "
+                      "k = highest block with score >= alpha * max; over seeds: the most frequent k (ties: larger)",
+        "criteria": results,
+        "feature_cache_hit": cache_hit,
+        "seconds": round(time.perf_counter() - started, 1),
+        "config": dataclasses.asdict(config) | {"out": str(out)},
+    }  # fmt: skip
+    write_text(out / "scores.csv", criteria_csv(results))
+    write_json(out / "scores.json", summary)
+    plot_criteria(out / "scores.png", results)
+    if embeddings is not None:
+        points, scores, depth = embeddings
+        plot_embeddings(out / "tsne.png", points, labels, scores, depth=depth, classes=data.classes)
+    return summary
+
+
+def criteria_csv(results: list[dict]) -> str:
+    """Long-format CSV: one row per criterion and block."""
+    lines = ["criterion,block,score,std,kept"]
+    for res in results:
+        for block, (score, std) in enumerate(zip(res["scores"], res["scores_std"]), start=1):
+            lines.append(f"{res['criterion']},{block},{score:.6f},{std:.6f},{int(block <= res['depth'])}")
+    return "\n".join(lines) + "\n"
+
+
+def depth_distribution(depths: list[int]) -> str:
+    """``"k=8 x3, k=7 x2"``: how often each k came out over the seeds."""
+    values, counts = np.unique(np.asarray(depths), return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return ", ".join(f"k={values[i]} x{counts[i]}" for i in order)

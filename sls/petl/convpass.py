@@ -1,0 +1,128 @@
+"""Convpass (Jie & Deng, 2022): convolutional bypasses beside attention and MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import QuickGELU
+from torch import nn
+
+from sls.backbones import vit
+from sls.errors import ConfigError
+from sls.petl import PETLMethod, register_petl
+
+
+class ConvBypass(nn.Module):
+    """Tokens -> down -> QuickGELU -> 3x3 conv over the patch grid -> QuickGELU ->
+    dropout -> up, times ``scale``.
+
+    Prefix tokens (class and register tokens) have no neighbours: each is a 1x1 map
+    for the same conv, so only the conv's centre tap (and its bias) acts on them.
+
+    Init: ``down`` xavier-uniform; the conv an identity centre tap (one of the two
+    inits in the authors' code), so it starts as a per-token pass-through and learns
+    its spatial mixing; zero biases; ``up`` zero, so the adapted model starts equal
+    to the backbone.
+
+    Args:
+        dim: token width.
+        bottleneck: hidden width (the conv's channels).
+        grid_size: the patch-token grid (rows, columns), from the patch embedding.
+        num_prefix_tokens: tokens before the patch tokens.
+        scale: output factor s.
+        dropout: dropout before ``up``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int,
+        grid_size: tuple[int, int],
+        num_prefix_tokens: int,
+        scale: float,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = QuickGELU()
+        self.conv = nn.Conv2d(bottleneck, bottleneck, kernel_size=3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, dim)
+        self.grid_size = tuple(int(side) for side in grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.scale = scale
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :, 1, 1] = torch.eye(bottleneck)
+        nn.init.zeros_(self.conv.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        rows, cols = self.grid_size
+        # The prefix count follows from the token count; it must be the model's.
+        prefix = tokens - rows * cols
+        if prefix != self.num_prefix_tokens:
+            raise ConfigError(
+                f"convpass was built for a {rows}x{cols} token grid plus {self.num_prefix_tokens} prefix "
+                f"tokens, got {tokens} tokens; feed images of the size the model was created with"
+            )
+        hidden = self.act(self.down(x))
+        grid = hidden[:, prefix:].reshape(batch, rows, cols, -1).permute(0, 3, 1, 2)
+        patches = self.conv(grid).flatten(2).transpose(1, 2)
+        # A 1x1 map under a padded 3x3 conv only meets the centre tap.
+        prefix_tokens = F.linear(hidden[:, :prefix], self.conv.weight[:, :, 1, 1], self.conv.bias)
+        hidden = self.dropout(self.act(torch.cat([prefix_tokens, patches], dim=1)))
+        return self.up(hidden) * self.scale
+
+
+class WithConvBypass(nn.Module):
+    """A block's attention or MLP plus a parallel :class:`ConvBypass` fed by the same
+    (norm1 or norm2) input.
+
+    It sits where the branch sat, so on models with LayerScale (DINOv2) the bypass
+    output is multiplied by the block's ``ls1`` / ``ls2`` gamma, and dropped with the
+    branch by drop-path, like the branch's own output (the authors add it after both;
+    they have neither LayerScale nor drop-path at inference).
+    """
+
+    def __init__(self, branch: nn.Module, convpass: ConvBypass) -> None:
+        super().__init__()
+        self.branch = branch
+        self.convpass = convpass
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        # kwargs: the attention's mask arguments, passed through untouched.
+        return self.branch(x, **kwargs) + self.convpass(x)
+
+
+@register_petl
+class Convpass(PETLMethod):
+    """Two convolutional bypasses per block: beside attention and beside the MLP.
+
+    Works for any token width and patch grid; the grid is the patch embedding's
+    ``grid_size``, so inputs must have the size the model was created with.
+
+    Hyper-parameters: ``bottleneck`` (hidden width), ``scale`` (output factor s),
+    ``dropout``.
+    """
+
+    name = "convpass"
+    defaults = {"bottleneck": 8, "scale": 1.0, "dropout": 0.1}
+    param_markers = (".convpass.",)
+
+    def insert(self, model: nn.Module) -> None:
+        options = dict(
+            bottleneck=self.hparams["bottleneck"],
+            grid_size=model.patch_embed.grid_size,
+            num_prefix_tokens=model.num_prefix_tokens,
+            scale=self.hparams["scale"],
+            dropout=self.hparams["dropout"],
+        )
+        for block in vit.blocks(model):
+            dim = block.norm1.normalized_shape[0]
+            block.attn = WithConvBypass(block.attn, ConvBypass(dim, **options))
+            block.mlp = WithConvBypass(block.mlp, ConvBypass(dim, **options))

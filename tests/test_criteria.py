@@ -1,0 +1,165 @@
+"""Layer criteria against hand computations, the registry, seeds and the feature cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import silhouette_score
+from torch.utils.data import DataLoader, TensorDataset
+
+import sls.features
+from sls.criteria import Criterion, _CRITERIA, get_criterion, list_criteria, register_criterion
+from sls.criteria.baselines import linear_cka
+from sls.errors import ConfigError, ScoreError
+from sls.select import DepthSelector, most_frequent_depth, select_depth
+
+from helpers import blob_features, silhouette_by_hand
+
+
+def test_registry_lists_every_criterion():
+    assert list_criteria() == ["block-influence", "cka", "probe", "random", "silhouette", "sls"]
+    with pytest.raises(ConfigError, match="unknown criterion 'nope'"):
+        get_criterion("nope")
+
+
+def test_a_new_criterion_is_one_class_and_one_decorator():
+    @register_criterion
+    class LastIsBest(Criterion):
+        name = "test-last-is-best"
+        kind = "quality"
+
+        def score(self, features, labels, *, block_input=None, random_state=0):
+            return np.linspace(0.1, 1.0, len(features))
+
+    try:
+        features, labels = blob_features([1.0] * 10)
+        # T = 0.3; scores 0.1, 0.2, 0.3, ...: block 2 (0.2) is the first below T from the top.
+        assert DepthSelector(criterion="test-last-is-best").fit(features, labels).depth_ == 3
+        with pytest.raises(ValueError, match="registered twice"):
+            register_criterion(LastIsBest)
+    finally:
+        del _CRITERIA["test-last-is-best"]
+
+
+def test_raw_silhouette_by_hand():
+    features, labels = blob_features([0.0, 1.0, 3.0])
+    scores = get_criterion("silhouette").score(features, labels)
+    for got, feats in zip(scores, features):
+        assert got == pytest.approx(silhouette_by_hand(feats, labels), abs=1e-9)
+    assert scores[0] < scores[1] < scores[2]
+
+
+def test_block_influence_by_hand():
+    labels = np.array([0, 1, 0, 1])
+    block_input = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    out1 = np.array([[0.0, 3.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # cos: 0, 1, 1, 1/sqrt(2)
+    out2 = -out1  # cos with out1: -1 for every row
+    scores = get_criterion("block-influence").score([out1, out2], labels, block_input=block_input)
+    assert scores[0] == pytest.approx(np.mean([1.0, 0.0, 0.0, 1 - 1 / np.sqrt(2)]))
+    assert scores[1] == pytest.approx(2.0)
+    with pytest.raises(ScoreError, match="needs the input of block 1"):
+        get_criterion("block-influence").score([out1], labels)
+
+
+def test_importance_rule():
+    # T = 0.3 * 0.5 = 0.15; the highest block with a score >= T is block 2.
+    decision = select_depth(np.array([0.5, 0.3, 0.05, 0.02]), 0.3, kind="importance")
+    assert (decision.depth, decision.threshold) == (2, pytest.approx(0.15))
+    assert select_depth(np.array([0.1, 0.2, 0.3]), 0.3, kind="importance").depth == 3
+
+
+def test_linear_cka_against_the_hsic_formula():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 5)), rng.normal(size=(30, 7))
+    h = np.eye(30) - 1.0 / 30
+    k, l = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    assert linear_cka(x, y) == pytest.approx(hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l)))
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    assert linear_cka(x, 3.0 * x @ q + 2.0) == pytest.approx(1.0)
+    scores = get_criterion("cka").score([x, y, x], np.arange(30) % 3)
+    assert scores[0] == pytest.approx(1.0) and scores[2] == pytest.approx(1.0)
+    assert scores[1] == pytest.approx(linear_cka(y, x))
+
+
+def test_probe_is_chance_corrected():
+    separable, labels = blob_features([0.0, 10.0])
+    scores = get_criterion("probe").score(separable, labels, random_state=0)
+    assert scores[1] == pytest.approx(1.0)
+    assert abs(scores[0]) < 0.25  # pure noise: chance level is 0 after correction
+
+
+def test_random_scores_are_seeded():
+    features, labels = blob_features([1.0] * 4)
+    random = get_criterion("random")
+    np.testing.assert_array_equal(random.score(features, labels, random_state=3),
+                                  random.score(features, labels, random_state=3))  # fmt: skip
+    assert not np.array_equal(random.score(features, labels, random_state=3),
+                              random.score(features, labels, random_state=4))  # fmt: skip
+
+
+def test_sls_criterion_matches_sklearn_silhouette_of_its_embeddings():
+    features, labels = blob_features([0.5, 2.0])
+    criterion = get_criterion("sls", n_jobs=1)
+    scores = criterion.score(features, labels, random_state=0)
+    for score, points in zip(scores, criterion.embeddings_):
+        assert score == pytest.approx(silhouette_score(points, labels))
+
+
+# Seeds ---------------------------------------------------------------------------
+
+
+def test_several_seeds_report_spread_and_the_most_frequent_k():
+    features, labels = blob_features([0.0, 0.3, 1.0, 2.0])
+    selector = DepthSelector(n_seeds=3, n_jobs=1).fit(features, labels)
+    assert selector.scores_per_seed_.shape == (3, 4)
+    np.testing.assert_allclose(selector.scores_, selector.scores_per_seed_.mean(axis=0))
+    np.testing.assert_allclose(selector.scores_std_, selector.scores_per_seed_.std(axis=0))
+    assert (selector.scores_std_ > 0).any()  # t-SNE seeds do move the scores
+    assert len(selector.depths_per_seed_) == 3
+    assert selector.depth_ == most_frequent_depth(selector.depths_per_seed_)
+    single = DepthSelector(n_jobs=1).fit(features, labels)
+    np.testing.assert_array_equal(single.scores_per_seed_[0], selector.scores_per_seed_[0])
+
+
+def test_deterministic_criteria_run_once_whatever_the_seeds():
+    features, labels = blob_features([0.0, 1.0])
+    selector = DepthSelector(criterion="silhouette", n_seeds=4).fit(features, labels)
+    assert selector.scores_per_seed_.shape == (1, 2)
+
+
+@pytest.mark.parametrize(("depths", "expected"), [([8, 8, 7], 8), ([7, 8], 8), ([5, 6, 6, 5, 4], 6), ([3], 3)])
+def test_most_frequent_depth_breaks_ties_towards_more_blocks(depths, expected):
+    assert most_frequent_depth(depths) == expected
+
+
+# Feature cache -------------------------------------------------------------------
+
+
+def test_feature_cache_hit_runs_no_forward_pass(tmp_path, monkeypatch):
+    from sls.backbones import create_backbone
+
+    model, _ = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
+    images = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(images, torch.arange(20) % 3), batch_size=8)
+    parts = {"data": "unit", "split": "train"}
+    first, hit = sls.features.cached_block_features(model, loader, key_parts=parts, cache=tmp_path, progress=False)
+    assert not hit and len(list(tmp_path.glob("*.npz"))) == 1
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cache hit must not run the model")
+
+    monkeypatch.setattr(sls.features, "block_features", no_forward)
+    again, hit = sls.features.cached_block_features(model, loader, key_parts=parts, cache=tmp_path, progress=False)
+    assert hit
+    for a, b in zip(first.features, again.features):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(first.block_input, again.block_input)
+    # Another split, or changed model tensors, is another key: the forward pass runs.
+    with pytest.raises(AssertionError, match="must not run"):
+        sls.features.cached_block_features(model, loader, key_parts=parts | {"split": "val"}, cache=tmp_path)
+    with torch.no_grad():
+        model.blocks[0].norm1.bias.add_(0.1)
+    with pytest.raises(AssertionError, match="must not run"):
+        sls.features.cached_block_features(model, loader, key_parts=parts, cache=tmp_path)
