@@ -19,7 +19,7 @@ from sls._io import write_json, write_text
 from sls.artifact import load_task, read_record
 from sls.backbones import create_backbone
 from sls.criteria import criterion_class
-from sls.data import ImageArrayDataset, load_dataset, make_transform, split_dataset, stratified_subset
+from sls.data import ImageDataset, load_dataset, make_splits, make_transform, stratified_subset
 from sls.errors import ConfigError
 from sls.features import cached_block_features, feature_key_parts
 from sls.report import plot_criteria, plot_embeddings
@@ -74,11 +74,11 @@ def analyze(config: AnalyzeConfig) -> dict:
     sizes = {}
     if config.task and record["data"]["name"] == config.data:
         sizes = {k: record["config"].get(f"{k}_samples") for k in ("train", "test")}
-    splits = split_dataset(data.labels, train_size=sizes.get("train"), test_size=sizes.get("test"))
+    splits = make_splits(data, train_size=sizes.get("train"), test_size=sizes.get("test"))
     indices = stratified_subset(splits.train, data.labels, config.samples)
     transform = make_transform(img_size, mean, std, interpolation)
-    loader = DataLoader(ImageArrayDataset(data, indices, transform), batch_size=64, shuffle=False)
-    key = feature_key_parts(config.data, "train", indices, img_size, mean, std, interpolation)
+    loader = DataLoader(ImageDataset(data, indices, transform), batch_size=64, shuffle=False)
+    key = feature_key_parts(data, "train", indices, img_size, mean, std, interpolation)
     (features, labels, block_input), cache_hit = cached_block_features(
         model, loader, key_parts=key, use_cache=config.use_cache, progress=config.progress
     )

@@ -103,6 +103,7 @@ def load_task(
         num_classes=record["num_classes"],
         weights=weights,
         img_size=backbone["img_size"],
+        model_kwargs=backbone.get("model_kwargs"),  # absent from records written before it existed
     )
     if info.fingerprint != backbone["fingerprint"]:
         raise TaskRecordError(

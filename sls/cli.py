@@ -10,6 +10,8 @@ import json
 import sys
 import warnings
 
+import numpy as np
+
 from sls import __version__
 from sls.errors import SLSError
 
@@ -43,7 +45,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     d = RunConfig()
     parser.add_argument("--model", default=d.model, help="embedded model name or timm model name (default: %(default)s)")
     parser.add_argument("--weights", default=d.weights, help="local weights file for the timm model ('random' for random weights)")
-    parser.add_argument("--data", default=d.data, help="mnist5k, fashion-mnist or digits (default: %(default)s)")
+    parser.add_argument("--data", default=d.data, help="mnist5k, fashion-mnist, digits, a VTAB-1k folder, an image-folder "
+                        "tree or a path,label CSV (default: %(default)s)")
     parser.add_argument("--petl", default=d.petl, help=f"PETL method: {', '.join(list_petl())} (default: %(default)s)")
     parser.add_argument("--petl-option", action="append", default=[], metavar="KEY=VALUE",
                         help="PETL hyper-parameter, e.g. r=16 (repeatable)")
@@ -62,6 +65,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="keep exactly this many blocks instead of SLS's k")
     parser.add_argument("--seed", type=int, default=d.seed, help="training seed (default: %(default)s)")
     parser.add_argument("--out", default=None, help="task folder (default: runs/<data>-<model>-<petl>-<time>)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out unreadable images (reported) instead of stopping")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -75,7 +80,7 @@ def _config_from(args: argparse.Namespace):
         analysis_samples=args.analysis_samples, epochs=args.epochs,
         retrain_epochs=args.retrain_epochs, retrain=not args.no_retrain, lr=args.lr,
         batch_size=args.batch_size, alpha=args.alpha, tsne=args.tsne, depth=args.depth,
-        seed=args.seed, out=args.out, progress=not args.quiet,
+        seed=args.seed, out=args.out, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
     )  # fmt: skip
 
 
@@ -128,6 +133,38 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sls.data import LabelledFiles, load_dataset, make_splits
+    from sls.data.files import find_bad_images
+
+    data = load_dataset(args.dataset)
+    splits = make_splits(data)
+    print(f"{data.source}: {len(data)} images, {len(data.classes)} classes "
+          f"({'its own splits' if data.splits is not None else 'split by sls'})")
+    table = Table()
+    table.add_column("class")
+    for split in ("train", "val", "test"):
+        table.add_column(split, justify="right")
+    per_split = {name: np.bincount(data.labels[idx], minlength=len(data.classes))
+                 for name, idx in (("train", splits.train), ("val", splits.val), ("test", splits.test))}  # fmt: skip
+    for label, name in enumerate(data.classes):
+        table.add_row(f"{label}: {name}", *(str(per_split[s][label]) for s in ("train", "val", "test")))
+    table.add_row("all", *(str(per_split[s].sum()) for s in ("train", "val", "test")))
+    Console().print(table)
+    bad = find_bad_images(data, np.arange(len(data))) if isinstance(data, LabelledFiles) else []
+    for _, reason in bad:
+        print(f"bad image: {reason}")
+    empty = [s for s in ("train", "test") if per_split[s].sum() == 0]
+    if bad or empty:
+        problems = [f"{len(bad)} unreadable image(s)"] * bool(bad) + [f"empty {s} split" for s in empty]
+        raise SLSError(f"{args.dataset}: {', '.join(problems)}")
+    print("ok: every image reads")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sls", description="Prune tail blocks of PETL-adapted vision transformers (SLS, ECCV 2024).")
     parser.add_argument("--version", action="version", version=f"sls {__version__}")
@@ -162,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", default=None, help="output folder (default: runs/analyze-<data>-<model>-<time>)")
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     analyze.set_defaults(handler=_analyze)
+
+    data = commands.add_parser("data", help="inspect a dataset without a model")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser("check", help="validate a dataset and print counts per class and split")
+    check.add_argument("dataset", help="an embedded name, a VTAB-1k folder, an image-folder tree or a CSV file")
+    check.set_defaults(handler=_data_check)
     return parser
 
 

@@ -29,10 +29,11 @@ def feature_key(model: nn.Module, **parts) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def feature_key_parts(data: str, split: str, indices: np.ndarray, img_size: int, mean, std, interpolation: str) -> dict:
-    """The data half of a feature cache key: dataset, split, exact indices, transform."""
+def feature_key_parts(data, split: str, indices: np.ndarray, img_size: int, mean, std, interpolation: str) -> dict:
+    """The data half of a feature cache key: the images and labels themselves (see
+    ``content_key`` of the image sources), their split and order, and the transform."""
     return {
-        "data": data,
+        "data": data.content_key(indices),
         "split": split,
         "indices": hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest(),
         "transform": [int(img_size), [float(v) for v in mean], [float(v) for v in std], interpolation],

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from sls import __version__
 from sls.artifact import save_task, task_tensor_bytes
-from sls.backbones import create_backbone, truncate
+from sls.backbones import BackboneInfo, create_backbone, truncate
 from sls.bench import parameter_count, throughput
-from sls.data import ImageArrayDataset, load_dataset, make_transform, split_dataset, stratified_subset
+from sls.data import ImageDataset, ImageSource, Splits, load_dataset, make_splits, make_transform, stratified_subset
 from sls.errors import ConfigError
 from sls.features import cached_block_features, feature_key_parts
-from sls.petl import create_petl
+from sls.petl import PETLMethod, create_petl
 from sls.report import plot_scores, write_scores_csv
 from sls.select import DepthSelector
 from sls.train import accuracy, train
@@ -66,6 +67,7 @@ class RunConfig:
     depth: int | None = None
     seed: int = 0
     throughput_batch: int = 32
+    skip_bad_images: bool = False
     out: str | None = None
     progress: bool = True
 
@@ -93,80 +95,124 @@ def default_out_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.data}-{config.model}-{config.petl}-{stamp}"
 
 
+@dataclass
+class Experiment:
+    """Everything a run builds from its :class:`RunConfig` before training."""
+
+    config: RunConfig
+    data: ImageSource
+    splits: Splits
+    backbone: BackboneInfo
+    petl: PETLMethod
+    model: nn.Module
+    train_loader: DataLoader
+    test_loader: DataLoader
+    analysis_loader: DataLoader
+    analysed: np.ndarray
+
+    def log(self, message: str) -> None:
+        if self.config.progress:
+            print(message)
+
+
+def prepare(config: RunConfig) -> Experiment:
+    """Data (deterministic stratified splits, the model's transform), backbone with a
+    fresh head, PETL modules inserted (only they and the head train), loaders."""
+    config.validate()
+    seed_everything(config.seed)
+    data = load_dataset(config.data)
+    splits = make_splits(data, train_size=config.train_samples, test_size=config.test_samples)
+    model, backbone = create_backbone(config.model, num_classes=len(data.classes), weights=config.weights,
+                                      img_size=config.img_size)  # fmt: skip
+    petl = create_petl(config.petl, **config.petl_options)
+    petl.apply(model)
+    if config.depth is not None and not 1 <= config.depth <= backbone.num_blocks:
+        raise ConfigError(f"--depth {config.depth} is out of range: the model has blocks 1..{backbone.num_blocks}")
+    transform = make_transform(backbone.img_size, backbone.mean, backbone.std, backbone.interpolation)
+    skip = config.skip_bad_images
+    train_set = ImageDataset(data, splits.train, transform, skip_bad=skip)
+    test_set = ImageDataset(data, splits.test, transform, skip_bad=skip)
+    shuffled = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=shuffled)
+    # The analysis pass sees every analysed training image once, in order, nothing dropped.
+    analysed = stratified_subset(train_set.indices, data.labels, config.analysis_samples)
+    analysis_loader = DataLoader(ImageDataset(data, analysed, transform), batch_size=64, shuffle=False)
+    test_loader = DataLoader(test_set, batch_size=64, shuffle=False)
+    for item, reason in train_set.skipped + test_set.skipped:
+        print(f"sls: skipped {data.item_name(item)}: {reason}")
+    experiment = Experiment(config, data, splits, backbone, petl, model, train_loader, test_loader,
+                            analysis_loader, analysed)  # fmt: skip
+    experiment.log(f"{backbone.model}: {backbone.num_blocks} blocks at {backbone.img_size}px; {config.data}: "
+                   f"{len(splits.train)} train / {len(splits.test)} test images, {len(data.classes)} classes")
+    return experiment
+
+
+def finetune(exp: Experiment) -> float:
+    """Train the PETL modules and head with all N blocks; return the test accuracy."""
+    cfg = exp.config
+    train(exp.model, exp.train_loader, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+          desc="fine-tune", progress=cfg.progress)  # fmt: skip
+    return accuracy(exp.model, exp.test_loader, desc="test full", progress=cfg.progress)
+
+
+def score_blocks(exp: Experiment, criterion: str | None = None) -> DepthSelector:
+    """One pass (cached) for every block's pooled feature, then scores, threshold and k."""
+    cfg, bb = exp.config, exp.backbone
+    key = feature_key_parts(exp.data, "train", exp.analysed, bb.img_size, bb.mean, bb.std, bb.interpolation)
+    analysis, _ = cached_block_features(exp.model, exp.analysis_loader, key_parts=key, progress=cfg.progress)
+    return DepthSelector(alpha=cfg.alpha, criterion=criterion or cfg.criterion, tsne=cfg.tsne,
+                         perplexity=cfg.perplexity, random_state=cfg.tsne_seed,
+                         progress=cfg.progress).fit(*analysis)  # fmt: skip
+
+
+def prune_and_retrain(exp: Experiment, depth: int) -> tuple[nn.Module, float, float | None]:
+    """A copy of the fine-tuned model with blocks depth+1..N really removed, retrained
+    (PETL of the kept blocks + head) unless the config says not to.
+
+    Returns:
+        the pruned model, its test accuracy before retraining and after (None
+        without retraining).
+    """
+    cfg = exp.config
+    pruned = truncate(copy.deepcopy(exp.model), depth)
+    acc_pruned = accuracy(pruned, exp.test_loader, desc="test pruned", progress=cfg.progress)
+    acc_retrained = None
+    if cfg.retrain:
+        train(pruned, exp.train_loader, epochs=cfg.retrain_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+              desc="retrain", progress=cfg.progress)  # fmt: skip
+        acc_retrained = accuracy(pruned, exp.test_loader, desc="test retrained", progress=cfg.progress)
+    return pruned, acc_pruned, acc_retrained
+
+
 def run(config: RunConfig) -> dict:
     """Fine-tune, score every block, prune to k, retrain, measure and save a task.
 
     Returns:
         the task record (also written to ``<out>/record.json``).
     """
-    config.validate()
     started = time.perf_counter()
-    seed_everything(config.seed)
+    exp = prepare(config)
     out = Path(config.out) if config.out else default_out_dir(config)
-    log = print if config.progress else (lambda *a, **k: None)
+    model, backbone = exp.model, exp.backbone
 
-    # Data: deterministic stratified splits, images transformed as the model expects.
-    data = load_dataset(config.data)
-    splits = split_dataset(data.labels, train_size=config.train_samples, test_size=config.test_samples)
-    num_classes = len(data.classes)
-
-    # Backbone with a fresh head, then the PETL modules; only they and the head train.
-    model, backbone = create_backbone(config.model, num_classes=num_classes, weights=config.weights, img_size=config.img_size)
-    petl = create_petl(config.petl, **config.petl_options)
-    petl.apply(model)
-    if config.depth is not None and not 1 <= config.depth <= backbone.num_blocks:
-        raise ConfigError(f"--depth {config.depth} is out of range: the model has blocks 1..{backbone.num_blocks}")
-
-    transform = make_transform(backbone.img_size, backbone.mean, backbone.std, backbone.interpolation)
-    train_set = ImageArrayDataset(data, splits.train, transform)
-    test_set = ImageArrayDataset(data, splits.test, transform)
-    shuffled = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=shuffled)
-    # The analysis pass sees every (analysed) training image once, in order, nothing dropped.
-    analysed = stratified_subset(splits.train, data.labels, config.analysis_samples)
-    analysis_loader = DataLoader(ImageArrayDataset(data, analysed, transform), batch_size=64, shuffle=False)
-    test_loader = DataLoader(test_set, batch_size=64, shuffle=False)
-    log(f"{backbone.model}: {backbone.num_blocks} blocks at {backbone.img_size}px; {config.data}: "
-        f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes")
-
-    # 1. Fine-tune the PETL model with all N blocks.
-    train(model, train_loader, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
-          desc="fine-tune", progress=config.progress)
-    acc_full = accuracy(model, test_loader, desc="test full", progress=config.progress)
-
-    # 2-5. One pass for every block's pooled feature, scores, threshold, k.
-    analysis, _ = cached_block_features(model, analysis_loader, progress=config.progress,
-                                        key_parts=feature_key_parts(config.data, "train", analysed, backbone.img_size,
-                                                                    backbone.mean, backbone.std, backbone.interpolation))
-    selector = DepthSelector(alpha=config.alpha, criterion=config.criterion, tsne=config.tsne,
-                             perplexity=config.perplexity, random_state=config.tsne_seed,
-                             progress=config.progress).fit(*analysis)
+    acc_full = finetune(exp)
+    selector = score_blocks(exp)
     depth = config.depth if config.depth is not None else selector.depth_
-
-    # 6. The pruned model: blocks k+1..N really removed.
-    pruned = truncate(copy.deepcopy(model), depth)
-    acc_pruned = accuracy(pruned, test_loader, desc="test pruned", progress=config.progress)
-
-    # 7. Retrain the kept blocks' PETL parameters and the head.
-    acc_retrained = None
-    if config.retrain:
-        train(pruned, train_loader, epochs=config.retrain_epochs, lr=config.lr,
-              weight_decay=config.weight_decay, desc="retrain", progress=config.progress)
-        acc_retrained = accuracy(pruned, test_loader, desc="test retrained", progress=config.progress)
-
-    # 8. Measure both models in the same run, on the same batch.
+    pruned, acc_pruned, acc_retrained = prune_and_retrain(exp, depth)
+    # Both models measured in the same run, on the same batch.
     speed = throughput({"full": model, "pruned": pruned}, batch_size=config.throughput_batch,
                        img_size=backbone.img_size)
 
     record = {
         "sls_version": __version__,
         "backbone": backbone.to_dict(),
-        "petl": {"method": petl.name, "hparams": petl.hparams},
-        "num_classes": num_classes,
-        "classes": data.classes,
-        "data": {"name": config.data, "source": data.source, "splits": splits.describe(),
-                 "analysed_train_samples": int(len(analysed)),
-                 "split_rule": "stratified, seed 0: 20% test, 10% val, rest train; then stratified subsets"},
+        "petl": {"method": exp.petl.name, "hparams": exp.petl.hparams},
+        "num_classes": len(exp.data.classes),
+        "classes": exp.data.classes,
+        "data": {"name": config.data, "source": exp.data.source, "splits": exp.splits.describe(),
+                 "analysed_train_samples": int(len(exp.analysed)),
+                 "split_rule": ("the dataset's own splits" if exp.data.splits is not None else
+                                "stratified, seed 0: 20% test, 10% val, rest train") + "; then stratified subsets"},
         "criterion": config.criterion,
         "tsne": {"backend": config.tsne, "perplexity": config.perplexity, "random_state": config.tsne_seed},
         "alpha": config.alpha,
@@ -190,5 +236,5 @@ def run(config: RunConfig) -> dict:
     save_task(out, pruned, record, finetuned=model)
     write_scores_csv(out / "scores.csv", selector.scores_, selector.threshold_, depth)
     plot_scores(out / "scores.png", selector.scores_, selector.threshold_, depth,
-                title=f"SLS scores: {backbone.model} + {petl.name} on {config.data}")
+                title=f"SLS scores: {backbone.model} + {exp.petl.name} on {config.data}")
     return record

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sls.data import ImageArrayDataset, load_dataset, make_transform, split_dataset
+from sls.data import ImageDataset, load_dataset, make_transform, split_dataset
 from sls.data.embedded import FASHION_MNIST_DIR, load_fashion_mnist, read_idx
 from sls.errors import ConfigError, DataError, EmbeddedAssetError
 
@@ -85,7 +85,7 @@ def test_split_refuses_one_class_and_too_small_subsets():
 def test_dataset_yields_normalised_rgb_tensors():
     data = load_dataset("digits")
     transform = make_transform(24, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    dataset = ImageArrayDataset(data, np.array([3, 1]), transform)
+    dataset = ImageDataset(data, np.array([3, 1]), transform)
     image, label = dataset[0]
     assert image.shape == (3, 24, 24) and label == data.labels[3]
     torch.testing.assert_close(image[0], image[2])  # grayscale replicated to RGB

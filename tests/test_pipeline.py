@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sls.artifact import load_task
-from sls.data import ImageArrayDataset, load_dataset, make_transform
+from sls.data import ImageDataset, load_dataset, make_transform
 from sls.pipeline import RunConfig, run
 from sls.select import select_depth
 from sls.train import accuracy
@@ -67,7 +67,7 @@ def test_saved_task_reproduces_the_reported_accuracy(tiny_run):
 
     splits = split_dataset(data.labels, train_size=200, test_size=100)
     bb = record["backbone"]
-    loader = DataLoader(ImageArrayDataset(data, splits.test, make_transform(32, bb["mean"], bb["std"])), batch_size=50)
+    loader = DataLoader(ImageDataset(data, splits.test, make_transform(32, bb["mean"], bb["std"])), batch_size=50)
     assert accuracy(model, loader, progress=False) == pytest.approx(record["results"]["accuracy"]["pruned_retrained"])
 
 

@@ -1,17 +1,26 @@
 """Backbones: creating a timm model from a name and weights, per-block features, truncation.
 
-Every weight source goes through timm's own local-file path
-(``pretrained_cfg_overlay=dict(file=...)``): the embedded model's converted
-checkpoint exactly like a user's ``--weights FILE``.
+Two families, one interface: timm's VisionTransformer and its subclasses
+(:mod:`sls.backbones.vit`: DINOv2, DeiT, augreg / in21k ViTs, with or without a class
+token) and timm's SwinTransformer v1 (:mod:`sls.backbones.swin`). The generic
+functions here dispatch on the family; blocks are numbered 1..N bottom-up (across
+the stages for Swin).
+
+Every ``.safetensors`` / ``.pth`` weight source goes through timm's own local-file
+path (``pretrained_cfg_overlay=dict(file=...)``): the embedded model's converted
+checkpoint exactly like a user's ``--weights FILE``. A JAX ``.npz`` checkpoint (the
+original ``ViT-B_16.npz`` or a big_vision one) goes through timm's ViT loader
+``model.load_pretrained``; see :func:`create_backbone`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,12 +30,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sls.backbones import vit
+from sls.backbones import swin, vit
 from sls.errors import ConfigError, UnknownModelError
 
 RANDOM_WEIGHTS = "random"
 """``weights`` value that builds the architecture with random weights, always the same
 ones (seed 0): for tests and smoke runs."""
+
+HEAD_PREFIXES = ("head.", "head_dist.")
+"""State-dict prefixes of the classifier (a distilled DeiT has a second head): task
+parameters, never part of the backbone's fingerprint."""
+
+_FAMILIES = {"vit": vit, "swin": swin}
 
 
 @dataclass(frozen=True)
@@ -39,10 +54,11 @@ class BackboneInfo:
         weights: the weights file loaded, ``"random"``, or ``"timm"`` (timm's own source).
         fingerprint: sha256 of the backbone tensors (names, shapes, dtypes and values;
             the classifier head excluded), independent of the file format.
-        family: ``"vit"``.
+        family: ``"vit"`` or ``"swin"``.
         num_blocks: N.
         img_size: input side in pixels.
         mean, std, interpolation: the model's preprocessing, from its pretrained config.
+        model_kwargs: extra architecture arguments given to ``timm.create_model``.
     """
 
     model: str
@@ -55,6 +71,7 @@ class BackboneInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+    model_kwargs: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +102,7 @@ def _timm_load_report():
         logger.propagate = propagate
 
 
-def fingerprint(model: nn.Module, exclude_prefixes: tuple[str, ...] = ("head.",)) -> str:
+def fingerprint(model: nn.Module, exclude_prefixes: tuple[str, ...] = HEAD_PREFIXES) -> str:
     """sha256 over a model's tensors, sorted by name, the head excluded."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -100,9 +117,59 @@ def fingerprint(model: nn.Module, exclude_prefixes: tuple[str, ...] = ("head.",)
 def _family(model: nn.Module) -> str:
     if vit.is_vit(model):
         return "vit"
+    if swin.is_swin(model):
+        return "swin"
     raise ConfigError(
-        f"{type(model).__name__} is not supported yet; sls prunes timm VisionTransformer models"
+        f"{type(model).__name__} is not supported yet; sls prunes timm VisionTransformer and "
+        "SwinTransformer (v1) models"
     )
+
+
+def all_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks, bottom-up (across the stages for Swin)."""
+    return list(_FAMILIES[_family(model)].blocks(model))
+
+
+def _create_from_npz(timm_name: str, path: Path, kwargs: dict) -> nn.Module:
+    """A timm model with the backbone weights of a JAX ``.npz`` checkpoint.
+
+    timm's ``load_pretrained`` reads the original ViT layout (``ViT-B_16.npz``) and
+    big_vision's, and silently skips what it has no entry for (register tokens,
+    LayerScale, ...). So every backbone tensor is set to NaN first: one that is still
+    NaN after loading was not in the file, and the file is refused. The head stays
+    the fresh one even when the file's head has the same shape.
+    """
+    import timm
+
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} does not exist")
+    net = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if not hasattr(net, "load_pretrained"):
+        raise ConfigError(
+            f"weights file {path}: timm reads .npz (JAX) checkpoints for ViT models only; "
+            f"give {timm_name} a .safetensors or .pth state dict"
+        )
+    head = {n: p.detach().clone() for n, p in net.named_parameters() if n.startswith(HEAD_PREFIXES)}
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name not in head and param.is_floating_point():
+                param.fill_(float("nan"))
+        try:
+            net.load_pretrained(str(path))
+        except (KeyError, ValueError, RuntimeError, AttributeError) as err:
+            # KeyError: a tensor the model needs is not in the file; the others: wrong shapes.
+            raise ConfigError(f"weights file {path} does not fit {timm_name}: {err}") from None
+        unloaded = [n for n, p in net.named_parameters() if n not in head and torch.isnan(p).any()]
+        if unloaded:
+            shown = ", ".join(unloaded[:3]) + (", ..." if len(unloaded) > 3 else "")
+            raise ConfigError(
+                f"weights file {path} does not fit {timm_name}: it has no values for {len(unloaded)} "
+                f"tensors ({shown})"
+            )
+        for name, param in net.named_parameters():
+            if name in head:
+                param.copy_(head[name])
+    return net
 
 
 def create_backbone(
@@ -112,17 +179,24 @@ def create_backbone(
     weights: str | Path | None = None,
     img_size: int | None = None,
     drop_path_rate: float = 0.0,
+    model_kwargs: dict | None = None,
 ) -> tuple[nn.Module, BackboneInfo]:
     """Build a timm model with a fresh ``num_classes`` head.
 
     Args:
         model: an embedded name (``embedded-dinov2-s``) or any timm model name.
         num_classes: classes of the new head.
-        weights: a local weights file (``.safetensors``, ``.pth``, ``.npz``) loaded by
-            timm; ``"random"`` for random weights; ``None`` for the embedded model's
-            converted checkpoint, or timm's own pretrained source for timm names.
+        weights: a local weights file loaded by timm: a ``.safetensors`` or ``.pth``
+            state dict (``torch.load`` with ``weights_only``), or for ViT models a JAX
+            ``.npz`` checkpoint (the original ``ViT-B_16.npz`` layout or big_vision's;
+            every backbone tensor must come from the file); ``"random"`` for random
+            weights; ``None`` for the embedded model's converted checkpoint, or timm's
+            own pretrained source for timm names.
         img_size: input side; timm resamples the position embeddings.
         drop_path_rate: stochastic depth while training.
+        model_kwargs: further ``timm.create_model`` architecture arguments (``depth``,
+            ``embed_dim``, ``reg_tokens``, ``window_size``, ...); JSON values, since
+            the record stores them to rebuild the same model.
 
     Returns:
         the model and the :class:`BackboneInfo` to record.
@@ -143,7 +217,16 @@ def create_backbone(
             f"unknown model {model!r}: not an embedded model ({known}) nor a timm model name "
             "(see timm.list_models())"
         )
-    kwargs: dict = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
+    model_kwargs = dict(model_kwargs or {})
+    reserved = sorted(set(model_kwargs) & {"num_classes", "img_size", "drop_path_rate", "pretrained",
+                                           "pretrained_cfg", "pretrained_cfg_overlay"})  # fmt: skip
+    if reserved:
+        raise ConfigError(f"model_kwargs must not set {', '.join(reserved)}; use the arguments of that name")
+    try:
+        json.dumps(model_kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model_kwargs must hold JSON values, for the task record ({err})") from None
+    kwargs: dict = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **model_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
     if weights == RANDOM_WEIGHTS:
@@ -163,6 +246,9 @@ def create_backbone(
                 "pass a local file with --weights FILE"
             ) from None
         source = "timm"
+    elif Path(weights).suffix.lower() == ".npz":
+        net = _create_from_npz(timm_name, Path(weights), kwargs)
+        source = str(Path(weights).resolve())
     else:
         path = Path(weights)
         if not path.is_file():
@@ -178,7 +264,7 @@ def create_backbone(
             raise ConfigError(f"weights file {path} does not fit {timm_name}: {detail}") from None
         # timm loads non-strictly when it replaces the head: check the backbone keys ourselves.
         for kind, keys in report.items():
-            backbone_keys = [k for k in keys if not k.startswith("head.")]
+            backbone_keys = [k for k in keys if not k.startswith(HEAD_PREFIXES)]
             if backbone_keys:
                 shown = ", ".join(backbone_keys[:3]) + (", ..." if len(backbone_keys) > 3 else "")
                 raise ConfigError(
@@ -194,18 +280,19 @@ def create_backbone(
         weights=source,
         fingerprint=fingerprint(net),
         family=family,
-        num_blocks=len(vit.blocks(net)),
+        num_blocks=num_blocks(net),
         img_size=int(side),
         mean=tuple(float(v) for v in cfg["mean"]),
         std=tuple(float(v) for v in cfg["std"]),
         interpolation=str(cfg.get("interpolation", "bicubic")),
+        model_kwargs=model_kwargs,
     )
     return net, info
 
 
 def num_blocks(model: nn.Module) -> int:
     """Number of transformer blocks the model has now."""
-    return len(vit.blocks(model))
+    return len(_FAMILIES[_family(model)].blocks(model))
 
 
 def truncate(model: nn.Module, depth: int) -> nn.Module:
@@ -213,12 +300,12 @@ def truncate(model: nn.Module, depth: int) -> nn.Module:
     total = num_blocks(model)
     if not 1 <= depth <= total:
         raise ConfigError(f"depth k={depth} is out of range: the model has blocks 1..{total}")
-    return vit.truncate(model, depth)
+    return _FAMILIES[_family(model)].truncate(model, depth)
 
 
 class BlockFeatures(NamedTuple):
-    """Pooled features of one pass: one ``(n, d)`` array per block (bottom-up), the
-    ``(n,)`` labels, and the ``(n, d)`` pooled input of block 1."""
+    """Pooled features of one pass: one ``(n, d)`` array per block (bottom-up; for Swin
+    d is the block's stage width), the ``(n,)`` labels, and the pooled input of block 1."""
 
     features: list[np.ndarray]
     labels: np.ndarray
@@ -236,15 +323,19 @@ def block_features(
 
     Forward hooks on the blocks collect each block's pooled tokens (and the pooled
     input of block 1) while the model runs ``forward_features`` once per batch (the
-    head is not run).
+    head is not run). Pooling is the family's: the CLS token for ViTs (the mean patch
+    token without one); the mean over all tokens for Swin, taken before the next
+    stage's patch merging, so block i's width is its stage's width. For Swin the input
+    of block 1 is the patch embedding's normed output.
     """
     model.eval()
-    stack = vit.blocks(model)
+    family = _FAMILIES[_family(model)]
+    stack = family.blocks(model)
     collected: list[list[torch.Tensor]] = [[] for _ in stack]
     first_input: list[torch.Tensor] = []
 
     def pooled(tokens: torch.Tensor) -> torch.Tensor:
-        return vit.pool_tokens(model, tokens).float().cpu()
+        return family.pool_tokens(model, tokens).float().cpu()
 
     hooks = [stack[0].register_forward_pre_hook(lambda _m, args: first_input.append(pooled(args[0])))]
     hooks += [

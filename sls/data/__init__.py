@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from sls.data.embedded import EMBEDDED_DATASETS, ImageArrays
+from sls.data.files import LabelledFiles, find_bad_images, read_files
 from sls.errors import ConfigError, DataError
 
 __all__ = [
     "EMBEDDED_DATASETS",
     "ImageArrays",
-    "ImageArrayDataset",
+    "ImageDataset",
+    "ImageSource",
+    "LabelledFiles",
     "Splits",
     "load_dataset",
+    "make_splits",
     "make_transform",
     "split_dataset",
     "stratified_subset",
@@ -31,15 +35,23 @@ SPLIT_SEED = 0
 command sees the same split whatever its own ``--seed``."""
 
 
-def load_dataset(name: str) -> ImageArrays:
-    """Load an embedded dataset by name (``mnist5k``, ``fashion-mnist``, ``digits``)."""
-    try:
-        loader = EMBEDDED_DATASETS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown dataset {name!r}; choose one of: {', '.join(EMBEDDED_DATASETS)}"
-        ) from None
-    return loader()
+ImageSource = ImageArrays | LabelledFiles
+"""A labelled image set: ``labels``, ``classes``, ``source``, ``splits`` (predefined
+split indices or None) and ``image(i)`` (an RGB PIL image)."""
+
+
+def load_dataset(spec: str) -> ImageSource:
+    """An embedded set by name (``mnist5k``, ``fashion-mnist``, ``digits``), a VTAB-1k
+    folder, an image-folder tree or a ``path,label[,split]`` CSV file."""
+    if spec in EMBEDDED_DATASETS:
+        return EMBEDDED_DATASETS[spec]()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return read_files(spec)
+    raise ConfigError(
+        f"unknown dataset {spec!r}: not an embedded set ({', '.join(EMBEDDED_DATASETS)}) "
+        "nor an existing folder or .csv file"
+    )
 
 
 @dataclass(frozen=True)
@@ -129,13 +141,42 @@ def make_transform(
     )
 
 
-class ImageArrayDataset(Dataset):
-    """Torch view of some samples of an :class:`ImageArrays`, as RGB tensors."""
+def make_splits(data: ImageSource, *, train_size: int | None = None, test_size: int | None = None) -> Splits:
+    """The dataset's own splits when it has them (VTAB-1k lists, train/ and test/
+    folders, a CSV split column), else :func:`split_dataset`; then the train and
+    test splits cut to ``train_size`` / ``test_size`` by stratified subsets."""
+    if data.splits is None:
+        return split_dataset(data.labels, train_size=train_size, test_size=test_size)
+    given = data.splits
+    return Splits(
+        train=stratified_subset(given["train"], data.labels, train_size),
+        val=np.sort(given.get("val", np.array([], dtype=np.int64))),
+        test=stratified_subset(given["test"], data.labels, test_size),
+    )
 
-    def __init__(self, data: ImageArrays, indices: np.ndarray, transform) -> None:
+
+class ImageDataset(Dataset):
+    """Torch view of some samples of an image source, transformed to tensors.
+
+    Args:
+        data: the image source.
+        indices: the samples, in the order they are served.
+        transform: PIL image -> tensor.
+        skip_bad: check every image first and leave out the ones that cannot be
+            read (reported in ``skipped``) instead of failing on the first.
+    """
+
+    def __init__(self, data: ImageSource, indices: np.ndarray, transform, *, skip_bad: bool = False) -> None:
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
+        self.skipped: list[tuple[int, str]] = []
+        if skip_bad and isinstance(data, LabelledFiles):
+            self.skipped = find_bad_images(data, self.indices)
+            bad = {i for i, _ in self.skipped}
+            self.indices = np.array([i for i in self.indices if i not in bad], dtype=np.int64)
+        if len(self.indices) == 0:
+            raise DataError(f"{data.source}: no readable images left in this split")
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -146,5 +187,4 @@ class ImageArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = self.indices[i]
-        image = Image.fromarray(self.data.images[j]).convert("RGB")
-        return self.transform(image), int(self.data.labels[j])
+        return self.transform(self.data.image(j)), int(self.data.labels[j])

@@ -11,6 +11,7 @@ No dataset's own package is imported: only its files are read.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from sls.errors import DataError, EmbeddedAssetError
 
@@ -43,9 +45,23 @@ class ImageArrays:
     labels: np.ndarray
     classes: list[str]
     source: str
+    splits: None = None  # sls splits embedded sets itself
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def item_name(self, i: int) -> str:
+        return f"{self.source}[{i}]"
+
+    def content_key(self, indices: np.ndarray) -> str:
+        """sha256 of the pixels and labels of these samples (for caches)."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.images[indices]).tobytes())
+        digest.update(np.ascontiguousarray(self.labels[indices]).tobytes())
+        return digest.hexdigest()
+
+    def image(self, i: int) -> Image.Image:
+        """Sample ``i`` as an RGB image."""
+        return Image.fromarray(self.images[i]).convert("RGB")
 
 
 def _package_file(package: str, relpath: str, install_hint: str) -> Path:

@@ -1,8 +1,8 @@
 """PETL methods behind one registry.
 
 A method is a :class:`PETLMethod` subclass registered with :func:`register_petl`.
-``method.apply(model)`` inserts its modules into a timm model in place and leaves
-exactly its own parameters and the classifier head trainable. The per-task state
+``method.apply(model)`` inserts its modules into a timm model (ViT or Swin) in place
+and leaves exactly its own parameters and the classifier head trainable. The per-task state
 is then ``trainable_state(model)``: nothing of the frozen backbone.
 """
 
@@ -47,7 +47,7 @@ class PETLMethod:
     def apply(self, model: nn.Module) -> nn.Module:
         """Insert the modules, then train only them and the head. Returns ``model``."""
         self.insert(model)
-        head = {f"head.{n}" for n, _ in model.get_classifier().named_parameters()}
+        head = head_parameter_names(model)
         for name, param in model.named_parameters():
             param.requires_grad_(self.is_petl_param(name) or name in head)
         if not any(self.is_petl_param(n) for n, _ in model.named_parameters()):
@@ -90,8 +90,18 @@ def list_petl() -> list[str]:
     return sorted(_METHODS)
 
 
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the classifier's parameters: ``head.*`` for a ViT, ``head.fc.*`` for Swin,
+    both heads of a distilled DeiT (whose ``get_classifier`` returns two)."""
+    classifier = model.get_classifier()
+    modules = classifier if isinstance(classifier, tuple) else (classifier,)
+    ids = {id(p) for module in modules for p in module.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The per-task tensors: every trainable parameter (PETL modules and head)."""
+    """The per-task tensors: every trainable parameter (PETL modules and head, and the
+    fresh final norm of a Swin cut before its last stage)."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sls.backbones import vit
+from sls.backbones import all_blocks
 from sls.petl import PETLMethod, register_petl
 
 
@@ -56,7 +56,7 @@ class Adapter(PETLMethod):
     param_markers = (".adapter.",)
 
     def insert(self, model: nn.Module) -> None:
-        for block in vit.blocks(model):
+        for block in all_blocks(model):
             dim = block.norm2.normalized_shape[0]
             bottleneck = Bottleneck(dim, self.hparams["bottleneck"], self.hparams["scale"], self.hparams["dropout"])
             block.mlp = MlpWithAdapter(block.mlp, bottleneck)

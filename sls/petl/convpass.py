@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import QuickGELU
 from torch import nn
 
-from sls.backbones import vit
+from sls.backbones import all_blocks, vit
 from sls.errors import ConfigError
 from sls.petl import PETLMethod, register_petl
 
@@ -106,6 +106,14 @@ class Convpass(PETLMethod):
     Works for any token width and patch grid; the grid is the patch embedding's
     ``grid_size``, so inputs must have the size the model was created with.
 
+    ViT backbones only. A Swin block hands its attention the tokens cyclically
+    shifted, padded and cut into windows, so a 3x3 conv there would mix tokens across
+    window seams and across the shift's wrap-around instead of grid neighbours; a
+    faithful bypass would have to undo timm's private window layout on every call,
+    and the Convpass authors published no Swin variant to follow. Swin models are
+    refused with a :class:`~sls.errors.ConfigError` (lora, adapter and repadapter
+    support them).
+
     Hyper-parameters: ``bottleneck`` (hidden width), ``scale`` (output factor s),
     ``dropout``.
     """
@@ -115,6 +123,12 @@ class Convpass(PETLMethod):
     param_markers = (".convpass.",)
 
     def insert(self, model: nn.Module) -> None:
+        if not vit.is_vit(model):
+            raise ConfigError(
+                f"convpass supports ViT backbones; {type(model).__name__} tokens are not one patch grid "
+                "per image at its attention (Swin attends within shifted windows): use lora, adapter or "
+                "repadapter"
+            )
         options = dict(
             bottleneck=self.hparams["bottleneck"],
             grid_size=model.patch_embed.grid_size,
@@ -122,7 +136,7 @@ class Convpass(PETLMethod):
             scale=self.hparams["scale"],
             dropout=self.hparams["dropout"],
         )
-        for block in vit.blocks(model):
+        for block in all_blocks(model):
             dim = block.norm1.normalized_shape[0]
             block.attn = WithConvBypass(block.attn, ConvBypass(dim, **options))
             block.mlp = WithConvBypass(block.mlp, ConvBypass(dim, **options))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sls.backbones import vit
+from sls.backbones import all_blocks
 from sls.errors import ConfigError
-from sls.petl import PETLMethod, register_petl
+from sls.petl import PETLMethod, head_parameter_names, register_petl
 
 FOLD_TARGETS = {"attn": "qkv", "mlp": "fc1"}
 """Branch of a block -> the linear layer that first reads the branch's input."""
@@ -91,6 +91,12 @@ class RepAdapter(PETLMethod):
     :meth:`merge` folds each adapter into the ``qkv`` / ``fc1`` linear that follows,
     leaving exactly the plain backbone's modules and parameter shapes (so its speed).
 
+    On Swin the adapter sits inside the attention module too, so it reads what
+    ``qkv`` reads: the norm1 output shifted, padded and cut into windows. The adapter
+    is per token, so that equals adapting before the windowing everywhere except on
+    the padding tokens, which here get the adapter's offset exactly as a folded
+    ``qkv`` bias gives them: the merged model equals the unmerged one.
+
     Hyper-parameters: ``bottleneck`` (hidden width), ``groups`` (groups of the up
     projection), ``scale`` (factor s), ``dropout``.
     """
@@ -101,7 +107,7 @@ class RepAdapter(PETLMethod):
 
     def insert(self, model: nn.Module) -> None:
         bottleneck, groups = self.hparams["bottleneck"], self.hparams["groups"]
-        for block in vit.blocks(model):
+        for block in all_blocks(model):
             dim = block.norm1.normalized_shape[0]
             if bottleneck % groups or dim % groups:
                 raise ConfigError(
@@ -123,7 +129,8 @@ class RepAdapter(PETLMethod):
                 input to that linear layer alone.
         """
         folds = []
-        for index, block in enumerate(vit.blocks(model)):
+        block_names = {id(module): name for name, module in model.named_modules()}
+        for block in all_blocks(model):
             for branch_name, linear_name in FOLD_TARGETS.items():
                 wrapper = getattr(block, branch_name)
                 if not isinstance(wrapper, WithRepAdapter):
@@ -136,7 +143,7 @@ class RepAdapter(PETLMethod):
                     or getattr(wrapper.branch, "gate", None) is not None
                 ):
                     raise ConfigError(
-                        f"repadapter cannot be merged into blocks.{index}.{branch_name}: it needs a biased "
+                        f"repadapter cannot be merged into {block_names[id(block)]}.{branch_name}: it needs a biased "
                         f"{linear_name} linear layer reading the branch input alone"
                     )
                 folds.append((block, branch_name, wrapper, linear))
@@ -146,7 +153,7 @@ class RepAdapter(PETLMethod):
         for block, branch_name, wrapper, linear in folds:
             fold(wrapper.repadapter, linear)
             setattr(block, branch_name, wrapper.branch)
-        head = {f"head.{n}" for n, _ in model.get_classifier().named_parameters()}
+        head = head_parameter_names(model)
         for name, param in model.named_parameters():
             param.requires_grad_(name in head)
         return model

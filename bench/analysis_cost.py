@@ -1,0 +1,115 @@
+"""What scoring every block costs, against one plain forward pass, in one run.
+
+    python bench/analysis_cost.py --img-size 224 --samples 1000
+
+Measures over the same N training images of the embedded model (frozen backbone):
+  (i)   one plain forward pass (model(x), head included);
+  (ii)  sls's full analysis of all blocks: ONE pass collecting every block's pooled
+        feature (forward hooks), then t-SNE + silhouette of every block (in parallel
+        over the cores) and the stop rule; once per t-SNE backend asked for;
+  (iii) the published code's approach: one full forward pass per examined block,
+        top-down from block N until the stop rule fires, each followed by that
+        block's t-SNE + silhouette (scikit-learn).
+Prints (ii)/(i) (target <= 1.15 at N = 1000, 224 px) and (iii)/(ii).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from sls.backbones import block_features, create_backbone, vit
+from sls.criteria.silhouette import tsne_silhouette_block
+from sls.data import ImageDataset, load_dataset, make_splits, make_transform, stratified_subset
+from sls.select import DepthSelector
+
+
+@torch.inference_mode()
+def plain_pass(model, loader) -> None:
+    model.eval()
+    for images, _ in loader:
+        model(images)
+
+
+@torch.inference_mode()
+def one_block_pass(model, loader, index: int) -> np.ndarray:
+    """A full forward pass that keeps block ``index``'s pooled output (the published way)."""
+    model.eval()
+    store = []
+    hook = vit.blocks(model)[index].register_forward_hook(
+        lambda _m, _i, out: store.append(vit.pool_tokens(model, out).float())
+    )
+    try:
+        for images, _ in loader:
+            model(images)
+    finally:
+        hook.remove()
+    return torch.cat(store).numpy()
+
+
+def published_analysis(model, loader, labels: np.ndarray, alpha: float) -> tuple[int, int]:
+    """Top-down: a pass and a t-SNE per examined block until SC_i < alpha * SC_N."""
+    n_blocks = len(vit.blocks(model))
+    threshold = None
+    for block in range(n_blocks, 0, -1):
+        score, _ = tsne_silhouette_block(one_block_pass(model, loader, block - 1), labels)
+        if threshold is None:
+            threshold = alpha * score
+            if score <= 0:
+                return n_blocks, 1
+        elif score < threshold:
+            return block + 1, n_blocks - block + 1
+    return 1, n_blocks
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded-dinov2-s")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--data", default="mnist5k")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--tsne", default="sklearn,opentsne", help="backends for (ii), comma-separated")
+    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--skip-published", action="store_true", help="skip (iii), the slowest part")
+    args = parser.parse_args()
+
+    data = load_dataset(args.data)
+    model, info = create_backbone(args.model, num_classes=len(data.classes), weights=args.weights, img_size=args.img_size)
+    indices = stratified_subset(make_splits(data).train, data.labels, args.samples)
+    transform = make_transform(info.img_size, info.mean, info.std, info.interpolation)
+    loader = DataLoader(ImageDataset(data, indices, transform), batch_size=64, shuffle=False)
+    print(f"{info.model}, {info.num_blocks} blocks, {args.img_size} px, N = {len(indices)} {args.data} training "
+          f"images, {torch.get_num_threads()} threads")  # fmt: skip
+
+    plain_pass(model, [next(iter(loader))])  # warm-up
+    t_plain, _ = timed(plain_pass, model, loader)
+    print(f"(i)   one plain forward pass:            {t_plain:7.1f} s")
+    t_features, feats = timed(block_features, model, loader)
+    totals = {}
+    for backend in args.tsne.split(","):
+        t_scores, selector = timed(
+            lambda: DepthSelector(alpha=args.alpha, tsne=backend).fit(feats.features, feats.labels)
+        )
+        total = t_features + t_scores
+        print(f"(ii)  full analysis, t-SNE {backend:8s}:   {total:7.1f} s  (features {t_features:.1f} s + "
+              f"scores {t_scores:.1f} s; k = {selector.depth_})  ->  (ii)/(i) = {total / t_plain:.3f}")
+        totals[backend] = total
+    if not args.skip_published:
+        t_published, (depth, passes) = timed(published_analysis, model, loader, feats.labels, args.alpha)
+        print(f"(iii) published approach:                {t_published:7.1f} s  ({passes} passes; k = {depth})"
+              f"  ->  (iii)/(ii) = {t_published / totals.get('sklearn', total):.2f}")
+
+
+if __name__ == "__main__":
+    main()

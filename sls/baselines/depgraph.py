@@ -1,0 +1,275 @@
+"""DepGraph width pruning (torch-pruning) of a PETL-adapted timm ViT: the baseline for SLS.
+
+SLS removes whole tail blocks; DepGraph (Fang et al., CVPR 2023) keeps every block and
+removes channels. As torch-pruning's own timm-ViT recipe does, one uniform ratio is
+applied to every group of coupled channels:
+
+- the residual width: patch embedding, class and position tokens, every norm, and
+  every layer that reads or writes the residual stream (the head's inputs included);
+- each block's attention head dimensions: the same dims of q, k and v and the matching
+  inputs of ``proj``, the same number in every head; the number of heads is kept;
+- each block's MLP hidden units.
+
+Channels are ranked by first-order Taylor importance (|weight * gradient|, summed over
+a group) from the cross-entropy gradients of a few batches.
+
+PETL modules:
+
+- LoRA is merged into its base linear first (``W + (alpha / r) B A``) and the peft layer
+  replaced by that linear, so the model pruned is a plain timm ViT. This is exact, lets
+  torch-pruning trace the model like any other, and loses nothing worth keeping: a
+  DepGraph task stores its whole pruned backbone anyway (its widths differ from the
+  shared backbone's), so a separate low-rank update saves no storage. To retrain with
+  LoRA, apply it again to the pruned model.
+- The adapter keeps its bottleneck width: its ``down`` layer is an ignored layer, so
+  the group of its outputs is never pruned. Its inputs (``down``) and outputs (``up``)
+  lie on the residual stream and are pruned with it, so every width stays consistent.
+- The classifier head keeps its classes (ignored); its inputs follow the residual.
+
+Other PETL methods are refused (:class:`~sls.errors.ConfigError`).
+
+torch-pruning is an optional dependency: ``pip install torch-pruning``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sls.backbones import vit
+from sls.errors import ConfigError, DataError
+from sls.export import merge_for_inference
+from sls.petl import create_petl, list_petl
+from sls.petl.adapter import MlpWithAdapter
+
+SUPPORTED_PETL = ("lora", "adapter")
+MAX_RATIO = 0.9
+"""Largest ratio :func:`ratio_for_parameter_reduction` tries: a tenth of every width
+left, far past any comparison with SLS."""
+
+
+def _torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise ConfigError("the DepGraph baseline needs torch-pruning: pip install torch-pruning") from None
+    return torch_pruning
+
+
+def _first_batches(loader: DataLoader, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if n_batches < 1:
+        raise ConfigError(f"n_batches must be >= 1, got {n_batches}")
+    batches = []
+    for images, targets in loader:
+        batches.append((images, torch.as_tensor(targets)))
+        if len(batches) == n_batches:
+            break
+    if not batches:
+        raise DataError("the example loader yields no batch; DepGraph needs a few labelled batches")
+    return batches
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"the pruning ratio must be in [0, 1), got {ratio}")
+
+
+def _attentions(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if isinstance(module, Attention)]
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Refuse what the pruning below would get wrong, before touching anything."""
+    if not vit.is_vit(model):
+        raise ConfigError(f"depgraph_prune prunes timm VisionTransformer models, not {type(model).__name__}")
+    names = [name for name, _ in model.named_parameters()]
+    for method in list_petl():
+        if method not in SUPPORTED_PETL and any(create_petl(method).is_petl_param(n) for n in names):
+            raise ConfigError(
+                f"depgraph_prune does not support {method} models; it supports {', '.join(SUPPORTED_PETL)}"
+            )
+    attentions = _attentions(model)
+    if len(attentions) != len(vit.blocks(model)):
+        raise ConfigError("depgraph_prune needs one timm Attention per block")
+    for attn in attentions:
+        # A q/k norm works per head dim and a gate reads the block input: torch-pruning
+        # does not follow either through the head reshape.
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            raise ConfigError("depgraph_prune does not support attention with q/k normalisation")
+        if getattr(attn, "gate", None) is not None:
+            raise ConfigError("depgraph_prune does not support gated attention")
+
+
+def _ignored_layers(model: nn.Module) -> list[nn.Module]:
+    adapters = [module.adapter.down for module in model.modules() if isinstance(module, MlpWithAdapter)]
+    return [model.get_classifier(), *adapters]
+
+
+def _unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Parameters outside linear, conv and norm layers (class and position tokens,
+    LayerScale gammas): all have the residual width as their last dim."""
+    known = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+    return [
+        (param, param.dim() - 1)
+        for module in model.modules()
+        if not isinstance(module, known)
+        for param in module.parameters(recurse=False)
+    ]
+
+
+@torch.no_grad()
+def _finish_attention(attn: nn.Module, num_heads: int, head_dim_before: int) -> None:
+    """Update a pruned timm Attention's shape attributes so its forward works.
+
+    timm's fused path scales the logits by 1/sqrt(current head dim); the q rows of
+    ``qkv`` are multiplied by sqrt(after / before), so the kept dims keep the
+    1/sqrt(head dim before) scale they were trained with, in both of timm's paths.
+    """
+    head_dim = attn.qkv.out_features // (3 * num_heads)
+    attn.num_heads = num_heads
+    attn.head_dim = head_dim
+    attn.attn_dim = num_heads * head_dim
+    attn.scale = head_dim**-0.5
+    if head_dim != head_dim_before:
+        factor = math.sqrt(head_dim / head_dim_before)
+        attn.qkv.weight[: attn.attn_dim] *= factor
+        if attn.qkv.bias is not None:
+            attn.qkv.bias[: attn.attn_dim] *= factor
+
+
+def _prune(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    ratio: float,
+    round_to: int | None,
+    taylor: bool,
+) -> nn.Module:
+    """Prune a merged copy of ``model``; ``taylor=False`` ranks by weight magnitude
+    instead (same widths, no backward pass)."""
+    tp = _torch_pruning()
+    pruned = merge_for_inference(model)
+    _check_supported(pruned)
+    trainable = {name: param.requires_grad for name, param in pruned.named_parameters()}
+    device = next(pruned.parameters()).device
+    attentions = _attentions(pruned)
+    head_dims = [attn.head_dim for attn in attentions]
+    # torch-pruning traces the graph through autograd: every parameter must require grad.
+    for param in pruned.parameters():
+        param.requires_grad_(True)
+    importance = tp.importance.GroupTaylorImportance() if taylor else tp.importance.GroupMagnitudeImportance()
+    pruner = tp.pruner.MetaPruner(
+        pruned,
+        batches[0][0][:1].to(device),
+        importance=importance,
+        pruning_ratio=ratio,
+        round_to=round_to,
+        ignored_layers=_ignored_layers(pruned),
+        num_heads={attn.qkv: attn.num_heads for attn in attentions},
+        prune_head_dims=True,
+        prune_num_heads=False,
+        unwrapped_parameters=_unwrapped_parameters(pruned),
+    )
+    if taylor:
+        pruned.zero_grad(set_to_none=True)
+        for images, targets in batches:
+            F.cross_entropy(pruned(images.to(device)), targets.to(device)).backward()
+    pruner.step()
+    for attn, head_dim_before in zip(attentions, head_dims):
+        _finish_attention(attn, pruner.num_heads[attn.qkv], head_dim_before)
+    width = pruned.patch_embed.proj.out_channels
+    pruned.embed_dim = pruned.num_features = pruned.head_hidden_size = width
+    for name, param in pruned.named_parameters():
+        param.grad = None
+        param.requires_grad_(trainable[name])
+    return pruned.eval()
+
+
+def depgraph_prune(
+    model: nn.Module,
+    example_loader: DataLoader,
+    *,
+    ratio: float,
+    n_batches: int = 4,
+    round_to: int | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with a fraction ``ratio`` of its channels removed by DepGraph.
+
+    Args:
+        model: a timm ViT, plain or with LoRA or adapters applied; left untouched.
+        example_loader: labelled batches; the first ``n_batches`` give the Taylor
+            importance (their summed cross-entropy gradients).
+        ratio: fraction of the channels removed from every group, in [0, 1).
+            Layers lose inputs and outputs, so the parameters drop by about
+            ``1 - (1 - ratio)**2``.
+        n_batches: batches for the importance.
+        round_to: keep a multiple of this many channels per group (None: any).
+
+    Returns:
+        the pruned model in eval mode, LoRA merged in (a plain timm ViT), adapters
+        and the head in place. Parameters keep the trainable flags they had in
+        ``model``; merged LoRA is frozen with its base layer.
+    """
+    _check_ratio(ratio)
+    return _prune(model, _first_batches(example_loader, n_batches), ratio=ratio, round_to=round_to, taylor=True)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def ratio_for_parameter_reduction(
+    model: nn.Module,
+    example_loader: DataLoader,
+    target_removed_params: int,
+    *,
+    round_to: int | None = None,
+    steps: int = 10,
+) -> float:
+    """The ratio at which :func:`depgraph_prune` removes about ``target_removed_params``.
+
+    Bisection over the ratio in [0, MAX_RATIO] for ``steps`` halvings. The parameters
+    removed grow in steps of one channel per group, so the answer lies within one such
+    step of the target (about ``2 / width`` of the model's parameters for a model
+    ``width`` channels wide), once ``steps`` resolves a channel. The widths at a ratio
+    do not depend on which channels rank lowest, so the search ranks by weight
+    magnitude: no gradients, and one batch of the loader only traces the model.
+
+    Returns:
+        the ratio among those tried whose removed count is closest to the target.
+
+    Raises:
+        ConfigError: a negative target, or more than the pruning at MAX_RATIO removes.
+    """
+    if target_removed_params < 0:
+        raise ConfigError(f"target_removed_params must be >= 0, got {target_removed_params}")
+    batches = _first_batches(example_loader, 1)
+    total = _count(model)
+
+    def removed(ratio: float) -> int:
+        return total - _count(_prune(model, batches, ratio=ratio, round_to=round_to, taylor=False))
+
+    low, high = 0.0, MAX_RATIO
+    removed_low, removed_high = removed(low), removed(high)
+    if target_removed_params > removed_high:
+        raise ConfigError(
+            f"DepGraph removes at most {removed_high} of {total} parameters (ratio {MAX_RATIO}); "
+            f"the target {target_removed_params} is beyond that"
+        )
+    if target_removed_params <= removed_low:
+        return low
+    for _ in range(steps):
+        middle = (low + high) / 2
+        removed_middle = removed(middle)
+        if removed_middle < target_removed_params:
+            low, removed_low = middle, removed_middle
+        else:
+            high, removed_high = middle, removed_middle
+    if target_removed_params - removed_low <= removed_high - target_removed_params:
+        return low
+    return high

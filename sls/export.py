@@ -1,0 +1,209 @@
+"""Standalone deployment of a task's model, with no sls or peft needed to run it.
+
+:func:`merge_for_inference` folds LoRA into the linear layers it adapts, so the model
+is a plain timm ViT again (other PETL modules stay, as modules). :func:`export_model`
+writes that model in one of three formats:
+
+- ``safetensors``: the full state dict plus a JSON metadata string (``timm_name``,
+  ``depth``, ``num_classes``, ``img_size``, and the PETL modules left in it). With
+  none left and the backbone's own widths, it loads into
+  ``timm.create_model(timm_name, depth=depth, num_classes=num_classes, img_size=img_size)``.
+- ``torchscript``: ``torch.jit.trace`` of the model on one image of the model's size.
+- ``onnx``: opset 17, the batch axis dynamic, checked to load in onnxruntime when that
+  is installed.
+
+The traced formats fix the image side: feed images of the size the model was built for.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sls._io import atomic_write
+from sls.errors import ConfigError
+from sls.petl import create_petl, list_petl
+
+FORMATS = ("safetensors", "torchscript", "onnx")
+METADATA_KEY = "sls_export"
+"""Key of the JSON metadata string in an exported ``.safetensors`` file's header."""
+EXPORT_FORMAT_VERSION = 1
+ONNX_OPSET = 17
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every peft LoRA layer into its base linear and put that linear in its place.
+
+    In place. The fold is ``W + (alpha / r) * B @ A``, exact up to float rounding; LoRA
+    dropout is an identity at inference, so nothing else is lost. Returns ``model``.
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft there is no LoRA layer to fold
+        return model
+    lora_layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, layer in lora_layers:
+        layer.merge()
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, layer.get_base_layer())
+    if lora_layers and "peft_config" in vars(model):
+        # peft's record of the injected adapters: stale now, and a later injection
+        # (retraining with LoRA) would otherwise take the model for a multi-adapter one.
+        del model.peft_config
+    return model
+
+
+def merge_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with LoRA folded into its base linears.
+
+    Any other PETL module (adapters, ...) is left as it is. ``model`` is untouched.
+    """
+    merged = merge_lora(copy.deepcopy(model))
+    return merged.eval()
+
+
+def _image_side(model: nn.Module, img_size: int | None) -> tuple[int, int]:
+    if img_size is not None:
+        if img_size < 1:
+            raise ConfigError(f"img_size must be a positive number of pixels, got {img_size}")
+        return img_size, img_size
+    patch_embed = getattr(model, "patch_embed", None)
+    side = getattr(patch_embed, "img_size", None)
+    if side is None:
+        raise ConfigError(f"cannot tell the input size of {type(model).__name__}; pass img_size")
+    return int(side[0]), int(side[1])
+
+
+def _petl_left(model: nn.Module) -> list[str]:
+    """Names of the PETL methods whose parameters are still in ``model``."""
+    names = [name for name, _ in model.named_parameters()]
+    return [method for method in list_petl() if any(create_petl(method).is_petl_param(n) for n in names)]
+
+
+def export_metadata(model: nn.Module, img_size: tuple[int, int]) -> dict:
+    """What a reader needs to rebuild ``model`` (a merged timm ViT) from its state dict."""
+    timm_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if timm_name is None:
+        raise ConfigError(f"{type(model).__name__} is not a timm model (no pretrained_cfg architecture)")
+    height, width = img_size
+    return {
+        "format": EXPORT_FORMAT_VERSION,
+        "timm_name": timm_name,
+        "depth": len(model.blocks),
+        "num_classes": int(model.num_classes),
+        "img_size": height if height == width else [height, width],
+        "petl": _petl_left(model),
+    }
+
+
+def _write_safetensors(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    # "format": "pt" is the header tag other safetensors readers use to pick torch.
+    save_file(state, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)})
+
+
+def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict) -> None:
+    with warnings.catch_warnings():
+        # timm's input-size checks freeze into the trace; the fixed size is intended.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, example)
+    torch.jit.save(traced, str(path))
+
+
+def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # The TorchScript-based exporter, deprecated but chosen: the torch.export-based
+        # default needs onnxscript, which sls does not depend on.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": example.cpu().numpy()})
+    if logits.shape != (example.shape[0], metadata["num_classes"]):
+        raise RuntimeError(f"the ONNX model at {path} gives logits of shape {logits.shape}")
+
+
+_WRITERS = {"safetensors": _write_safetensors, "torchscript": _write_torchscript, "onnx": _write_onnx}
+
+
+def export_model(model: nn.Module, path: str | Path, format: str, *, img_size: int | None = None) -> Path:
+    """Write ``model`` with LoRA folded in as a standalone file, atomically.
+
+    Args:
+        model: a task's model (a truncated timm ViT with PETL modules, as
+            :func:`sls.artifact.load_task` returns it); left untouched.
+        path: the file to write.
+        format: ``"safetensors"``, ``"torchscript"`` or ``"onnx"``.
+        img_size: input side in pixels; default: the model's patch embedding size.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ConfigError: an unknown format, or a model whose input size or timm name
+            cannot be told.
+    """
+    if format not in _WRITERS:
+        raise ConfigError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    merged = merge_for_inference(model)
+    side = _image_side(merged, img_size)
+    metadata = export_metadata(merged, side)
+    device = next(merged.parameters()).device
+    # Values only matter for data-dependent branches, of which a ViT has none.
+    example = torch.randn(1, 3, *side, generator=torch.Generator().manual_seed(0)).to(device)
+    write = _WRITERS[format]
+    return atomic_write(path, lambda tmp: write(merged, tmp, example, metadata))
+
+
+def read_export_metadata(path: str | Path) -> dict:
+    """The metadata :func:`export_model` stored in a ``.safetensors`` export."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    if METADATA_KEY not in header:
+        raise ConfigError(f"{path} was not exported by sls (no {METADATA_KEY!r} metadata)")
+    return json.loads(header[METADATA_KEY])
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class predictions for a batch of preprocessed images.
+
+    Args:
+        model: a classifier (a task's model, merged or not); put in eval mode.
+        images: ``(n, 3, H, W)`` images, normalised as the model expects.
+
+    Returns:
+        ``labels``: the ``(n,)`` most probable classes, and ``probabilities``: the
+        ``(n, num_classes)`` softmax over classes.
+    """
+    if images.dim() != 4:
+        raise ConfigError(f"predict takes a batch of images (n, 3, H, W), got shape {tuple(images.shape)}")
+    model.eval()
+    device = next(model.parameters()).device
+    probabilities = model(images.to(device)).float().softmax(dim=-1)
+    return probabilities.argmax(dim=-1), probabilities

@@ -1,0 +1,277 @@
+"""Swin (timm v1) behind the backbone interface, and every backbone x PETL pair.
+
+The tiny Swin: 3 stages of 2 blocks (widths 16, 32, 64), windows of 2 on a 40 px
+input, so the token grids are 10x10, 5x5 and 3x3: the two odd grids are padded to
+whole windows and the second block of each stage shifts its windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sls.artifact import load_task, save_task
+from sls.backbones import all_blocks, block_features, create_backbone, num_blocks, truncate
+from sls.bench import parameter_count
+from sls.errors import ConfigError
+from sls.petl import create_petl, trainable_state
+
+SWIN = "swin_tiny_patch4_window7_224"
+SWIN_KWARGS = dict(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=2)
+WIDTHS = [16, 16, 32, 32, 64, 64]  # block 1..6
+STAGE_OF = [0, 0, 1, 1, 2, 2]
+
+
+def tiny_swin(num_classes: int = 3) -> tuple[torch.nn.Module, object]:
+    model, info = create_backbone(SWIN, num_classes=num_classes, weights="random", img_size=40,
+                                  model_kwargs=SWIN_KWARGS)  # fmt: skip
+    return model.eval(), info
+
+
+def tiny_vit(num_classes: int = 3) -> tuple[torch.nn.Module, object]:
+    model, info = create_backbone("test_vit", num_classes=num_classes, weights="random", img_size=32)
+    return model.eval(), info
+
+
+BACKBONES = {"vit": tiny_vit, "swin": tiny_swin}
+
+
+def images_for(model: torch.nn.Module, n: int = 9) -> torch.Tensor:
+    height, width = model.patch_embed.img_size
+    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(0))
+
+
+def loader_of(images: torch.Tensor) -> DataLoader:
+    labels = torch.arange(len(images)) % 3
+    return DataLoader(TensorDataset(images, labels), batch_size=4, shuffle=False)
+
+
+def perturb(model: torch.nn.Module, seed: int = 1) -> None:
+    """Stand-in for training: random values for every trainable tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+
+
+def block_outputs_by_hand(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The patch embedding's output and every block's NHWC output, stage by stage (no hooks)."""
+    x = model.patch_embed(images)
+    embedded, outputs = x, []
+    for stage in model.layers:
+        x = stage.downsample(x)
+        for block in stage.blocks:
+            x = block(x)
+            outputs.append(x)
+    return embedded, outputs
+
+
+def test_tiny_swin_layout():
+    model, info = tiny_swin()
+    assert info.family == "swin" and info.num_blocks == num_blocks(model) == 6
+    assert [block.dim for block in all_blocks(model)] == WIDTHS
+    grids = [tuple(block.input_resolution) for block in all_blocks(model)]
+    assert grids == [(10, 10)] * 2 + [(5, 5)] * 2 + [(3, 3)] * 2
+    assert [tuple(block.shift_size) for block in all_blocks(model)] == [(0, 0), (1, 1)] * 3
+    assert model.num_features == 64
+
+
+@pytest.mark.parametrize("petl", [None, "lora", "repadapter"])
+def test_block_features_are_the_token_mean_before_patch_merging(petl):
+    model, _ = tiny_swin()
+    if petl:
+        create_petl(petl).apply(model)
+        perturb(model)
+    images = images_for(model)
+    features, labels, block_input = block_features(model, loader_of(images), progress=False)
+    assert [f.shape for f in features] == [(9, width) for width in WIDTHS]
+    np.testing.assert_array_equal(labels, np.arange(9) % 3)
+    with torch.no_grad():
+        embedded, outputs = block_outputs_by_hand(model, images)
+        np.testing.assert_allclose(block_input, embedded.mean(dim=(1, 2)).numpy(), rtol=1e-5, atol=1e-5)
+        for feats, out in zip(features, outputs):
+            np.testing.assert_allclose(feats, out.mean(dim=(1, 2)).numpy(), rtol=1e-5, atol=1e-5)
+        # Block 2 closes stage 0: its feature is 16 wide, not the 32 of the merged tokens.
+        merged = model.layers[1].downsample(outputs[1]).mean(dim=(1, 2))
+        assert merged.shape == (9, 32) and features[1].shape == (9, 16)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6])
+def test_truncation_at_every_depth(depth):
+    model, _ = tiny_swin()
+    create_petl("lora").apply(model)
+    perturb(model)
+    images = images_for(model, n=6)
+    full_features, _, _ = block_features(model, loader_of(images), progress=False)
+    pruned = truncate(copy.deepcopy(model), depth)
+
+    assert num_blocks(pruned) == depth
+    assert len(pruned.layers) == STAGE_OF[depth - 1] + 1
+    removed_blocks = sum(parameter_count(b) for b in all_blocks(model)[depth:])
+    removed_merges = sum(parameter_count(stage.downsample) for stage in model.layers[len(pruned.layers) :])
+    width = WIDTHS[depth - 1]
+    old_tail = parameter_count(model.norm) + parameter_count(model.head)
+    new_tail = parameter_count(pruned.norm) + parameter_count(pruned.head)
+    assert new_tail == old_tail - (64 - width) * (2 + 3)  # norm scale and shift, head weights
+    assert parameter_count(model) - parameter_count(pruned) == removed_blocks + removed_merges + old_tail - new_tail
+
+    kept, _, _ = block_features(pruned, loader_of(images), progress=False)
+    for got, full in zip(kept, full_features[:depth]):
+        np.testing.assert_array_equal(got, full)
+    assert pruned.num_features == pruned.head.fc.in_features == pruned.norm.normalized_shape[0] == width
+    with torch.no_grad():
+        _, outputs = block_outputs_by_hand(model, images)
+        logits = pruned(images)
+        assert logits.shape == (6, 3)
+        # norm -> token mean -> head, with the norm and head the pruned model holds.
+        expected = pruned.head.fc(pruned.norm(outputs[depth - 1]).mean(dim=(1, 2)))
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    if width == 64:  # inside the last stage: the trained norm and head are kept
+        assert torch.equal(pruned.norm.weight, model.norm.weight)
+        assert torch.equal(pruned.head.fc.weight, model.head.fc.weight)
+    else:  # a narrower stage: a fresh norm and head of its width, trainable task parameters
+        assert torch.equal(pruned.norm.weight, torch.ones(width)) and torch.equal(pruned.norm.bias, torch.zeros(width))
+        assert {"norm.weight", "norm.bias", "head.fc.weight", "head.fc.bias"} <= set(trainable_state(pruned))
+
+
+def test_full_depth_leaves_the_model_unchanged():
+    model, _ = tiny_swin()
+    images = images_for(model, n=4)
+    pruned = truncate(copy.deepcopy(model), 6)
+    assert [(n, type(m)) for n, m in pruned.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
+    before, after = model.state_dict(), pruned.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(images), model(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [0, 7])
+def test_out_of_range_depth(depth):
+    model, _ = tiny_swin()
+    with pytest.raises(ConfigError, match=f"depth k={depth} is out of range: the model has blocks 1..6"):
+        truncate(model, depth)
+
+
+def test_other_families_are_refused_with_the_supported_ones_named():
+    with pytest.raises(ConfigError, match="sls prunes timm VisionTransformer and SwinTransformer"):
+        num_blocks(timm.create_model("test_resnet", pretrained=False))
+
+
+def test_npz_weights_are_refused_for_swin(tmp_path):
+    path = tmp_path / "swin.npz"
+    np.savez(path, x=np.zeros(1))
+    with pytest.raises(ConfigError, match="reads .npz .* for ViT models only"):
+        create_backbone(SWIN, num_classes=3, weights=path, img_size=40, model_kwargs=SWIN_KWARGS)
+
+
+def test_swin_weights_file_loads_through_timm(tmp_path):
+    from safetensors.torch import save_file
+
+    source, info = tiny_swin()
+    path = tmp_path / "swin.safetensors"
+    save_file({k: v for k, v in source.state_dict().items() if not k.startswith("head.")}, str(path))
+    model, loaded = create_backbone(SWIN, num_classes=5, weights=path, img_size=40, model_kwargs=SWIN_KWARGS)
+    assert loaded.fingerprint == info.fingerprint
+    assert model.head.fc.out_features == 5
+
+
+# -- every backbone x PETL method --------------------------------------------------------
+
+METHOD_PARAMS = {
+    "lora": ["attn.qkv.lora_A.default.weight", "attn.qkv.lora_B.default.weight"],
+    "adapter": [f"mlp.adapter.{layer}.{kind}" for layer in ("down", "up") for kind in ("weight", "bias")],
+    "repadapter": [
+        f"{branch}.repadapter.{layer}.{kind}"
+        for branch in ("attn", "mlp") for layer in ("down", "up") for kind in ("weight", "bias")
+    ],  # fmt: skip
+    "convpass": [
+        f"{branch}.convpass.{layer}.{kind}"
+        for branch in ("attn", "mlp") for layer in ("down", "conv", "up") for kind in ("weight", "bias")
+    ],  # fmt: skip
+}
+# Truncation depth per backbone: for Swin, the end of stage 1, so norm and head are new.
+CUT = {"vit": 2, "swin": 4}
+
+
+def block_names(backbone: str, count: int) -> list[str]:
+    if backbone == "vit":
+        return [f"blocks.{i}" for i in range(count)]
+    return [f"layers.{STAGE_OF[i]}.blocks.{i % 2}" for i in range(count)]
+
+
+def expected_trainable(backbone: str, method: str, count: int) -> set[str]:
+    head = {"vit": {"head.weight", "head.bias"}, "swin": {"head.fc.weight", "head.fc.bias"}}[backbone]
+    return head | {f"{block}.{param}" for block in block_names(backbone, count) for param in METHOD_PARAMS[method]}
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "repadapter", "convpass"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_backbone_and_petl_method(tmp_path, backbone, method):
+    model, info = BACKBONES[backbone](num_classes=4)
+    if backbone == "swin" and method == "convpass":
+        before = [(n, type(m)) for n, m in model.named_modules()]
+        with pytest.raises(ConfigError, match="convpass supports ViT backbones; SwinTransformer"):
+            create_petl(method).apply(model)
+        assert [(n, type(m)) for n, m in model.named_modules()] == before  # refused before any change
+        return
+    plain = copy.deepcopy(model)
+    petl = create_petl(method)
+    petl.apply(model)
+    n_blocks = info.num_blocks
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected_trainable(backbone, method, n_blocks)
+    images = images_for(model, n=6)
+    with torch.no_grad():  # every method starts as the backbone
+        torch.testing.assert_close(model.eval()(images), plain(images), rtol=1e-6, atol=1e-6)
+    perturb(model)
+
+    features, _, _ = block_features(model, loader_of(images), progress=False)
+    widths = WIDTHS if backbone == "swin" else [64] * 6
+    assert [f.shape for f in features] == [(6, w) for w in widths]
+
+    depth = CUT[backbone]
+    truncate(model, depth)
+    kept, _, _ = block_features(model, loader_of(images), progress=False)
+    for got, full in zip(kept, features[:depth]):
+        np.testing.assert_array_equal(got, full)
+    tail = {"norm.weight", "norm.bias"} if backbone == "swin" else set()  # Swin cut at width 32
+    assert set(trainable_state(model)) == expected_trainable(backbone, method, depth) | tail
+    perturb(model, seed=2)  # the fresh Swin norm and head get task values too
+
+    record = {"backbone": info.to_dict(), "petl": {"method": petl.name, "hparams": petl.hparams},
+              "depth": depth, "num_classes": 4}  # fmt: skip
+    save_task(tmp_path / "task", model, record)
+    stored = json.loads((tmp_path / "task" / "record.json").read_text())
+    assert stored["backbone"]["model_kwargs"] == json.loads(json.dumps(info.model_kwargs))
+    loaded, _ = load_task(tmp_path / "task")
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+        assert expected.shape == (6, 4)
+        torch.testing.assert_close(loaded(images), expected, rtol=0, atol=0)
+        if method == "repadapter":  # folds into qkv / fc1, windows and padding included
+            assert (petl.merge(loaded)(images) - expected).abs().max() <= 1e-5
+
+
+def test_repadapter_merges_exactly_on_swin_windows_with_padding():
+    """Stages 2 and 3 pad their 5x5 and 3x3 grids to whole windows; the merge must match there too."""
+    model, _ = tiny_swin()
+    plain = copy.deepcopy(model)
+    method = create_petl("repadapter")
+    method.apply(model)
+    perturb(model)
+    model.eval()
+    images = images_for(model, n=4)
+    with torch.no_grad():
+        unmerged = model(images)
+        assert (unmerged - plain(images)).abs().max() > 1e-3
+        merged = method.merge(model)
+        assert (merged(images) - unmerged).abs().max() <= 1e-5
+    assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in plain.named_modules()]
+    assert {n for n, p in merged.named_parameters() if p.requires_grad} == {"head.fc.weight", "head.fc.bias"}
