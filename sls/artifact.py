@@ -105,25 +105,36 @@ def load_task(
         img_size=backbone["img_size"],
         model_kwargs=backbone.get("model_kwargs"),  # absent from records written before it existed
     )
-    if info.fingerprint != backbone["fingerprint"]:
-        raise TaskRecordError(
-            f"the backbone weights ({info.weights}) differ from those task {task_dir} was trained on "
-            f"(fingerprint {info.fingerprint[:12]} != {backbone['fingerprint'][:12]}); pass the right --weights"
-        )
+    check_fingerprint(info.fingerprint, record, task_dir, info.weights)
     if stage not in STAGES:
         raise TaskRecordError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
     create_petl(record["petl"]["method"], **record["petl"]["hparams"]).apply(model)
     if stage == "pruned":
         truncate(model, int(record["depth"]))
-    weights_path = task_dir / STAGES[stage]
-    if not weights_path.is_file():
-        raise TaskRecordError(f"{weights_path} not found; the task folder is incomplete")
-    state = load_file(str(weights_path))
+    load_tensors(model, task_dir / STAGES[stage])
+    model.eval()
+    return model, record
+
+
+def check_fingerprint(fingerprint: str, record: dict, task_dir: str | Path, weights: str) -> None:
+    """Refuse a backbone whose tensors differ from the ones the task was trained on."""
+    expected = record["backbone"]["fingerprint"]
+    if fingerprint != expected:
+        raise TaskRecordError(
+            f"the backbone weights ({weights}) differ from those task {task_dir} was trained on "
+            f"(fingerprint {fingerprint[:12]} != {expected[:12]}); pass the right --weights"
+        )
+
+
+def load_tensors(model: nn.Module, path: Path) -> nn.Module:
+    """Load a task's tensors into the model's trainable parameters; the names must match exactly."""
+    if not path.is_file():
+        raise TaskRecordError(f"{path} not found; the task folder is incomplete")
+    state = load_file(str(path))
     expected = set(trainable_state(model))
     if set(state) != expected:
         missing = sorted(expected - set(state))[:3]
         extra = sorted(set(state) - expected)[:3]
-        raise TaskRecordError(f"{weights_path} does not match its record: missing {missing}, unexpected {extra}")
+        raise TaskRecordError(f"{path} does not match its record: missing {missing}, unexpected {extra}")
     model.load_state_dict(state, strict=False)
-    model.eval()
-    return model, record
+    return model

@@ -98,6 +98,43 @@ def _run(args: argparse.Namespace) -> int:
     return _execute(_config_from(args))
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from sls.pipeline import stage_finetune
+
+    record = stage_finetune(_config_from(args))
+    print(f"fine-tuned: test accuracy {100 * record['results']['accuracy']['full']:.1f}% with all "
+          f"{record['backbone']['num_blocks']} blocks; next: sls prune {record['config']['out']}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from sls.pipeline import stage_prune
+
+    record = stage_prune(args.task, alpha=args.alpha, criterion=args.criterion, depth=args.depth,
+                         progress=not args.quiet)  # fmt: skip
+    scores = " ".join(f"{v:.2f}" for v in record["scores"])
+    print(f"scores {scores}; T = {record['threshold']:.3f}; k = {record['depth']} of "
+          f"{record['backbone']['num_blocks']} blocks; test accuracy before retraining "
+          f"{100 * record['results']['accuracy']['pruned_no_retrain']:.1f}%; next: sls retrain {args.task}")
+    return 0
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from sls.pipeline import stage_retrain
+
+    stage_retrain(args.task, epochs=args.retrain_epochs, progress=not args.quiet)
+    print(f"retrained; next: sls evaluate {args.task}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from sls.pipeline import stage_evaluate
+    from sls.report import print_summary
+
+    print_summary(stage_evaluate(args.task, progress=not args.quiet))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sls.pipeline import RunConfig
 
@@ -165,6 +202,108 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(kind: type):
+    def parse(text: str) -> list:
+        try:
+            return [kind(value) for value in text.split(",") if value.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    return parse
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.2f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.1f} kB"
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sls.artifact import read_record
+    from sls.compare import compare
+
+    retrain_epochs = args.retrain_epochs
+    if args.retrain and retrain_epochs is None:  # the budget the task's own retraining had
+        retrain_epochs = int(read_record(args.task).get("config", {}).get("retrain_epochs", 1))
+    result = compare(args.task, ratios=args.ratios, depths=args.depths, retrain_epochs=retrain_epochs,
+                     weights=args.weights, n_batches=args.batches, throughput_batch=args.batch_size,
+                     progress=not args.quiet, out=args.out)  # fmt: skip
+    summary = result["summary"]
+    table = Table(title=f"SLS (k = {summary['depth']} of {summary['num_blocks']} blocks) against DepGraph, "
+                        f"batch {result['settings']['throughput_batch']}")  # fmt: skip
+    for column in ("model", "retrained", "test accuracy", "img/s", "speed-up", "parameters", "storage per task"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in result["rows"]:
+        table.add_row(row["model"], "yes" if row["retrained"] else "no", f"{100 * row['accuracy']:.1f}%",
+                      f"{row['throughput']:.1f}", f"{row['speedup']:.2f}x", f"{row['parameters'] / 1e6:.3f} M",
+                      _size(row["storage_bytes"]))  # fmt: skip
+    Console().print(table)
+    params, speed = summary["equal_parameters"], summary["equal_throughput"]
+    print(f"storage per task, DepGraph at equal parameters / SLS: {summary['storage_ratio_depgraph_over_sls']:.1f}x")
+    print(f"equal parameters (DepGraph r={params['ratio']:.3f}): accuracy SLS - DepGraph = "
+          f"{100 * params['accuracy_sls_minus_depgraph']:+.1f} points ({summary['sls_row']})")
+    print(f"equal throughput (DepGraph r={speed['ratio']:.3f}, {speed['depgraph_over_sls_throughput']:.2f}x SLS's "
+          f"img/s): accuracy SLS - DepGraph = {100 * speed['accuracy_sls_minus_depgraph']:+.1f} points")
+    print(f"results in {result['out']} (compare.json, compare.csv, compare.png)")
+    return 0
+
+
+EXPORT_SUFFIXES = {"safetensors": ".safetensors", "torchscript": ".pt", "onnx": ".onnx"}
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sls.artifact import load_task
+    from sls.export import deployable_model, export_model
+
+    model, record = load_task(args.task, weights=args.weights)
+    path = Path(args.out) if args.out else Path(args.task) / "export" / f"model{EXPORT_SUFFIXES[args.format]}"
+    export_model(deployable_model(model), path, args.format)
+    print(f"{path}: {args.format}, {record['depth']} of {record['backbone']['num_blocks']} blocks, "
+          f"{_size(path.stat().st_size)}; input {record['backbone']['img_size']} px normalised with "
+          f"mean {tuple(record['backbone']['mean'])}, std {tuple(record['backbone']['std'])}")
+    return 0
+
+
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    from sls.data.files import to_rgb
+    from sls.errors import DataError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: not a readable image ({err})") from None
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from sls.artifact import load_task
+    from sls.data import make_transform
+    from sls.export import predict
+
+    model, record = load_task(args.task, weights=args.weights)
+    backbone = record["backbone"]
+    transform = make_transform(backbone["img_size"], tuple(backbone["mean"]), tuple(backbone["std"]),
+                               backbone.get("interpolation", "bicubic"))  # fmt: skip
+    # Every image is read before anything is printed: a bad one stops the command whole.
+    images = [transform(_read_image(path)) for path in args.images]
+    classes = record.get("classes") or [str(c) for c in range(record["num_classes"])]
+    for start in range(0, len(images), args.batch_size):
+        labels, probabilities = predict(model, torch.stack(images[start : start + args.batch_size]))
+        for path, label, row in zip(args.images[start:], labels.tolist(), probabilities):
+            print(f"{path}: {classes[label]} ({row[label].item():.3f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sls", description="Prune tail blocks of PETL-adapted vision transformers (SLS, ECCV 2024).")
     parser.add_argument("--version", action="version", version=f"sls {__version__}")
@@ -173,9 +312,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="task folder (default: runs/demo-<time>)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
-    run = commands.add_parser("run", help="fine-tune, score blocks, prune to k, retrain, measure and save a task")
+    run = commands.add_parser("run", help="all stages: fine-tune, prune (score blocks, k), retrain, evaluate; "
+                                          "resumes a killed run given the same --out")  # fmt: skip
     _add_run_options(run)
     run.set_defaults(handler=_run)
+    finetune = commands.add_parser("finetune", help="stage 1: fine-tune PETL + head with all blocks into a task folder")
+    _add_run_options(finetune)
+    finetune.set_defaults(handler=_finetune)
+    prune = commands.add_parser("prune", help="stage 2: score the blocks of a fine-tuned task, choose k, drop the rest")
+    prune.add_argument("task", help="task folder")
+    prune.add_argument("--alpha", type=float, default=None, help="threshold factor (default: the task's)")
+    prune.add_argument("--criterion", default=None, help="layer criterion (default: the task's, sls)")
+    prune.add_argument("--depth", type=int, default=None, help="keep exactly this many blocks")
+    prune.add_argument("--quiet", action="store_true", help="no progress bars")
+    prune.set_defaults(handler=_prune)
+    retrain = commands.add_parser("retrain", help="stage 3: retrain the kept blocks' PETL modules and the head")
+    retrain.add_argument("task", help="task folder")
+    retrain.add_argument("--retrain-epochs", type=int, default=None, help="epochs (default: the task's)")
+    retrain.add_argument("--quiet", action="store_true", help="no progress bars")
+    retrain.set_defaults(handler=_retrain)
+    evaluate = commands.add_parser("evaluate", help="stage 4: accuracy, throughput, parameters and storage of a task")
+    evaluate.add_argument("task", help="task folder")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(handler=_evaluate)
 
     from sls.criteria import list_criteria
 
@@ -205,6 +364,38 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser("check", help="validate a dataset and print counts per class and split")
     check.add_argument("dataset", help="an embedded name, a VTAB-1k folder, an image-folder tree or a CSV file")
     check.set_defaults(handler=_data_check)
+
+    compare = commands.add_parser("compare", help="SLS against DepGraph width pruning of the same PETL model: "
+                                                  "accuracy, throughput, parameters, storage per task")  # fmt: skip
+    compare.add_argument("task", help="a pruned task folder")
+    compare.add_argument("--ratios", type=_numbers(float), default=[0.1, 0.2, 0.3, 0.4, 0.5],
+                         help="DepGraph ratios measured besides the two matched to SLS (default: 0.1,0.2,0.3,0.4,0.5)")
+    compare.add_argument("--depths", type=_numbers(int), default=None,
+                         help="SLS depths measured besides the task's k (default: N/4, N/2, 3N/4)")
+    compare.add_argument("--retrain", action="store_true",
+                         help="retrain the other SLS depths and every DepGraph model for the task's retrain epochs")
+    compare.add_argument("--retrain-epochs", type=int, default=None, help="retrain for this many epochs instead")
+    compare.add_argument("--batches", type=int, default=4, help="training batches of the Taylor importance (default: %(default)s)")
+    compare.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default: the task's)")
+    compare.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
+    compare.add_argument("--out", default=None, help="output folder (default: TASK/compare)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.set_defaults(handler=_compare)
+
+    export = commands.add_parser("export", help="write a task's pruned model as one standalone file "
+                                                "(LoRA and RepAdapter merged, dropped blocks gone)")  # fmt: skip
+    export.add_argument("task", help="a pruned task folder")
+    export.add_argument("--format", required=True, choices=list(EXPORT_SUFFIXES), help="file format")
+    export.add_argument("--out", default=None, help="file to write (default: TASK/export/model.<ext>)")
+    export.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
+    export.set_defaults(handler=_export)
+
+    predict = commands.add_parser("predict", help="print the most probable class of each image with a task's model")
+    predict.add_argument("task", help="a pruned task folder")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL mode)")
+    predict.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    predict.set_defaults(handler=_predict)
     return parser
 
 

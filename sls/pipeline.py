@@ -1,7 +1,11 @@
-"""One whole SLS run, stage by stage, as one function that reads top to bottom.
+"""One whole SLS run, stage by stage, reading top to bottom.
 
 data -> backbone + PETL -> fine-tune -> block features (one pass) -> scores -> k
 -> truncate -> retrain -> measure -> task folder.
+
+The building blocks (:func:`prepare`, :func:`finetune`, :func:`score_blocks`,
+:func:`prune_and_retrain`) work in memory; the stages (:func:`stage_finetune` ...
+:func:`stage_evaluate`) wrap them around a task folder, and :func:`run` chains the stages.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,11 +25,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sls import __version__
-from sls.artifact import save_task, task_tensor_bytes
+from sls.artifact import (
+    FINETUNED_FILE,
+    RECORD_FILE,
+    WEIGHTS_FILE,
+    check_fingerprint,
+    load_tensors,
+    read_record,
+    save_task,
+    task_tensor_bytes,
+)
 from sls.backbones import BackboneInfo, create_backbone, truncate
 from sls.bench import parameter_count, throughput
 from sls.data import ImageDataset, ImageSource, Splits, load_dataset, make_splits, make_transform, stratified_subset
-from sls.errors import ConfigError
+from sls.errors import ConfigError, TaskRecordError
 from sls.features import cached_block_features, feature_key_parts
 from sls.petl import PETLMethod, create_petl
 from sls.report import plot_scores, write_scores_csv
@@ -184,28 +198,26 @@ def prune_and_retrain(exp: Experiment, depth: int) -> tuple[nn.Module, float, fl
     return pruned, acc_pruned, acc_retrained
 
 
-def run(config: RunConfig) -> dict:
-    """Fine-tune, score every block, prune to k, retrain, measure and save a task.
+STAGES = ("finetune", "prune", "retrain", "evaluate")
+"""The stages of a run. Each reads the task folder the previous one wrote and writes
+it back (tensors first, record last, atomically), so a killed run resumes from its
+last completed stage and ends as an uninterrupted run would: every stage rebuilds
+its data and model from the record and seeds itself the same way."""
 
-    Returns:
-        the task record (also written to ``<out>/record.json``).
-    """
-    started = time.perf_counter()
-    exp = prepare(config)
-    out = Path(config.out) if config.out else default_out_dir(config)
-    model, backbone = exp.model, exp.backbone
+_NOT_CONFIG = ("out", "progress")  # may differ between a run and its resumption
 
-    acc_full = finetune(exp)
-    selector = score_blocks(exp)
-    depth = config.depth if config.depth is not None else selector.depth_
-    pruned, acc_pruned, acc_retrained = prune_and_retrain(exp, depth)
-    # Both models measured in the same run, on the same batch.
-    speed = throughput({"full": model, "pruned": pruned}, batch_size=config.throughput_batch,
-                       img_size=backbone.img_size)
 
-    record = {
+def _log(config: RunConfig, message: str) -> None:
+    if config.progress:
+        print(message)
+
+
+def _base_record(exp: Experiment, out: Path) -> dict:
+    config = exp.config
+    return {
         "sls_version": __version__,
-        "backbone": backbone.to_dict(),
+        "stages": [],
+        "backbone": exp.backbone.to_dict(),
         "petl": {"method": exp.petl.name, "hparams": exp.petl.hparams},
         "num_classes": len(exp.data.classes),
         "classes": exp.data.classes,
@@ -213,28 +225,163 @@ def run(config: RunConfig) -> dict:
                  "analysed_train_samples": int(len(exp.analysed)),
                  "split_rule": ("the dataset's own splits" if exp.data.splits is not None else
                                 "stratified, seed 0: 20% test, 10% val, rest train") + "; then stratified subsets"},
+        "depth": exp.backbone.num_blocks,
+        "seed": config.seed,
+        "results": {"accuracy": {}},
+        "config": dataclasses.asdict(config) | {"out": str(out)},
+    }  # fmt: skip
+
+
+def _reopen(task_dir: Path, progress: bool, **overrides) -> tuple[Experiment, dict]:
+    """Rebuild a task's experiment from its record, with the fine-tuned tensors loaded."""
+    record = read_record(task_dir)
+    if "config" not in record or "stages" not in record or "finetune" not in record["stages"]:
+        raise TaskRecordError(f"{task_dir} holds no fine-tuned run; start with `sls finetune` or `sls run`")
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    config = RunConfig(**{k: v for k, v in record["config"].items() if k in fields})
+    config.progress = progress
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    exp = prepare(config)
+    check_fingerprint(exp.backbone.fingerprint, record, task_dir, exp.backbone.weights)
+    load_tensors(exp.model, task_dir / FINETUNED_FILE)
+    exp.model.eval()
+    record["config"] = dataclasses.asdict(config) | {"out": str(task_dir)}
+    return exp, record
+
+
+def stage_finetune(config: RunConfig) -> dict:
+    """Stage 1: fine-tune the PETL modules and head with all N blocks; save the task folder."""
+    out = Path(config.out) if config.out else default_out_dir(config)
+    check_writable(out)
+    exp = prepare(config)
+    record = _base_record(exp, out)
+    record["results"]["accuracy"]["full"] = finetune(exp)
+    record["stages"] = ["finetune"]
+    save_task(out, exp.model, record, finetuned=exp.model)
+    return record
+
+
+def stage_prune(task_dir: str | Path, *, alpha: float | None = None, criterion: str | None = None,
+                depth: int | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Stage 2: score every block of the fine-tuned model (one cached pass), choose k
+    (or take ``depth``), drop blocks k+1..N and measure the accuracy before retraining."""
+    task_dir = Path(task_dir)
+    exp, record = _reopen(task_dir, progress, alpha=alpha, criterion=criterion, depth=depth)
+    config = exp.config
+    selector = score_blocks(exp)
+    k = config.depth if config.depth is not None else selector.depth_
+    pruned = truncate(copy.deepcopy(exp.model), k)
+    record.update({
         "criterion": config.criterion,
         "tsne": {"backend": config.tsne, "perplexity": config.perplexity, "random_state": config.tsne_seed},
         "alpha": config.alpha,
-        "scores": [float(s) for s in selector.scores_],
+        "scores": [float(v) for v in selector.scores_],
         "threshold": float(selector.threshold_),
         "selected_depth": int(selector.depth_),
         "selection_reason": selector.reason_,
-        "depth": int(depth),
-        "seed": config.seed,
-        "results": {
-            "accuracy": {"full": acc_full, "pruned_no_retrain": acc_pruned, "pruned_retrained": acc_retrained},
-            "throughput": {"full": speed["full"], "pruned": speed["pruned"], "batch_size": config.throughput_batch,
-                           "unit": "images/s", "threads": torch.get_num_threads()},
-            "parameters": {"full": parameter_count(model), "pruned": parameter_count(pruned),
-                           "task_tensors": sum(p.numel() for p in pruned.parameters() if p.requires_grad)},
-        },
-        "config": dataclasses.asdict(config) | {"out": str(out)},
-    }
-    record["results"]["storage_bytes"] = {"task": task_tensor_bytes(pruned)}
+        "depth": int(k),
+        "stages": ["finetune", "prune"],
+    })  # fmt: skip
+    accuracies = record["results"]["accuracy"]
+    record["results"] = {"accuracy": {"full": accuracies["full"]}}
+    record["results"]["accuracy"]["pruned_no_retrain"] = accuracy(pruned, exp.test_loader, desc="test pruned",
+                                                                  progress=progress)  # fmt: skip
+    save_task(task_dir, pruned, record)
+    write_scores_csv(task_dir / "scores.csv", selector.scores_, selector.threshold_, k)
+    plot_scores(task_dir / "scores.png", selector.scores_, selector.threshold_, k,
+                title=f"SLS scores: {exp.backbone.model} + {exp.petl.name} on {config.data}")  # fmt: skip
+    return record
+
+
+def _reopen_pruned(task_dir: Path, progress: bool, **overrides) -> tuple[Experiment, dict, nn.Module]:
+    exp, record = _reopen(task_dir, progress, **overrides)
+    if "prune" not in record["stages"]:
+        raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
+    pruned = load_tensors(truncate(copy.deepcopy(exp.model), int(record["depth"])), task_dir / WEIGHTS_FILE)
+    return exp, record, pruned
+
+
+def stage_retrain(task_dir: str | Path, *, epochs: int | None = None, progress: bool = True) -> dict:
+    """Stage 3: retrain the kept blocks' PETL modules and the head."""
+    task_dir = Path(task_dir)
+    exp, record, pruned = _reopen_pruned(task_dir, progress, retrain_epochs=epochs)
+    cfg = exp.config
+    train(pruned, exp.train_loader, epochs=cfg.retrain_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+          desc="retrain", progress=progress)  # fmt: skip
+    record["stages"] = ["finetune", "prune", "retrain"]
+    record["results"].pop("throughput", None)
+    save_task(task_dir, pruned, record)
+    return record
+
+
+def stage_evaluate(task_dir: str | Path, *, progress: bool = True) -> dict:
+    """Stage 4: test accuracy of the task, throughput of the full and pruned models
+    (same run, same batch), parameters and per-task storage."""
+    task_dir = Path(task_dir)
+    exp, record, pruned = _reopen_pruned(task_dir, progress)
+    cfg = exp.config
+    retrained = "retrain" in record["stages"]
+    key = "pruned_retrained" if retrained else "pruned_no_retrain"
+    results = record["results"]
+    results["accuracy"][key] = accuracy(pruned, exp.test_loader, desc="test task", progress=progress)
+    results["accuracy"].setdefault("pruned_retrained", None)
+    speed = throughput({"full": exp.model, "pruned": pruned}, batch_size=cfg.throughput_batch,
+                       img_size=exp.backbone.img_size)  # fmt: skip
+    results["throughput"] = {"full": speed["full"], "pruned": speed["pruned"], "batch_size": cfg.throughput_batch,
+                             "unit": "images/s", "threads": torch.get_num_threads()}  # fmt: skip
+    results["parameters"] = {"full": parameter_count(exp.model), "pruned": parameter_count(pruned),
+                             "task_tensors": sum(p.numel() for p in pruned.parameters() if p.requires_grad)}  # fmt: skip
+    results["storage_bytes"] = {"task": task_tensor_bytes(pruned)}
+    record["stages"] = [*[s for s in record["stages"] if s != "evaluate"], "evaluate"]
+    save_task(task_dir, pruned, record)
+    return record
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the output folder {out}: {existing} is not a writable folder")
+
+
+def run(config: RunConfig) -> dict:
+    """All stages in order: fine-tune, prune (score blocks, choose k), retrain, evaluate.
+
+    If ``config.out`` already holds a run with the same configuration, the stages it
+    completed are skipped (resume). Another configuration there is refused.
+
+    Returns:
+        the task record (also written to ``<out>/record.json``).
+    """
+    started = time.perf_counter()
+    config.validate()
+    out = Path(config.out) if config.out else default_out_dir(config)
+    config = dataclasses.replace(config, out=str(out))
+    done: list[str] = []
+    if (out / RECORD_FILE).is_file():
+        previous = read_record(out)
+        mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_CONFIG}
+        theirs = {k: v for k, v in previous.get("config", {}).items() if k not in _NOT_CONFIG}
+        if mine != theirs:
+            changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)}); "
+                              "choose another --out or run the stage commands on it")  # fmt: skip
+        done = list(previous.get("stages", []))
+        if done:
+            _log(config, f"resuming {out}: stages {', '.join(done)} already done")
+    if "finetune" not in done:
+        stage_finetune(config)
+    if "prune" not in done:
+        stage_prune(out, progress=config.progress)
+    if config.retrain and "retrain" not in done:
+        stage_retrain(out, progress=config.progress)
+    if "evaluate" not in done:
+        record = stage_evaluate(out, progress=config.progress)
+    else:
+        record = read_record(out)
     record["results"]["seconds"] = round(time.perf_counter() - started, 1)
-    save_task(out, pruned, record, finetuned=model)
-    write_scores_csv(out / "scores.csv", selector.scores_, selector.threshold_, depth)
-    plot_scores(out / "scores.png", selector.scores_, selector.threshold_, depth,
-                title=f"SLS scores: {backbone.model} + {exp.petl.name} on {config.data}")
     return record

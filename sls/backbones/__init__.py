@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -100,6 +102,20 @@ def _timm_load_report():
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+def _load_failure(path: Path, timm_name: str, err: Exception) -> str:
+    """One line saying why a weights file did not load, and what to do."""
+    text = " ".join(str(err).split())
+    needs = re.search(r"Unsupported globals?: ([\w.]+(?:, [\w.]+)*)", text)
+    if needs:
+        return (f"refused to load {path}: it is a pickle that needs {needs.group(1).rstrip('.')} to load, so loading it could "
+                "run code; if you trust it, convert it once to safetensors: python -c \"import torch, safetensors.torch "
+                f"as st; st.save_file(torch.load('{path}', weights_only=False), 'weights.safetensors')\"")  # fmt: skip
+    if isinstance(err, RuntimeError) and ("size mismatch" in text or "state_dict" in text):
+        lines = str(err).strip().splitlines()
+        return f"weights file {path} does not fit {timm_name}: {(lines[1] if len(lines) > 1 else lines[0]).strip()}"
+    return f"weights file {path} is not a readable checkpoint ({text[:160]})"
 
 
 def fingerprint(model: nn.Module, exclude_prefixes: tuple[str, ...] = HEAD_PREFIXES) -> str:
@@ -258,10 +274,8 @@ def create_backbone(
                 net = timm.create_model(
                     timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
                 )
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()
-            detail = first[1].strip() if len(first) > 1 else first[0]
-            raise ConfigError(f"weights file {path} does not fit {timm_name}: {detail}") from None
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError) as err:
+            raise ConfigError(_load_failure(path, timm_name, err)) from None
         # timm loads non-strictly when it replaces the head: check the backbone keys ourselves.
         for kind, keys in report.items():
             backbone_keys = [k for k in keys if not k.startswith(HEAD_PREFIXES)]

@@ -1,0 +1,123 @@
+"""Stage commands over one task folder, resume after a kill, determinism, safe loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import sls.pipeline
+from sls.backbones import create_backbone
+from sls.cli import main
+from sls.errors import ConfigError, TaskRecordError
+from sls.pipeline import RunConfig, run, stage_finetune, stage_prune
+
+TINY = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200, test_samples=100,
+                 analysis_samples=None, epochs=5, lr=3e-2, batch_size=16, throughput_batch=8, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "task"
+    return run(dataclasses.replace(TINY, out=str(out)))
+
+
+def same_outcome(a: dict, b: dict) -> None:
+    assert a["scores"] == b["scores"]
+    assert a["depth"] == b["depth"]
+    assert a["results"]["accuracy"] == b["results"]["accuracy"]
+
+
+def test_stage_commands_chain_to_the_same_result_as_run(uninterrupted, tmp_path, capsys):
+    task = tmp_path / "task"
+    args = ["--model", "test_vit", "--weights", "random", "--data", "digits", "--img-size", "32", "--train-samples",
+            "200", "--test-samples", "100", "--analysis-samples", "all", "--epochs", "5", "--lr", "0.03",
+            "--batch-size", "16", "--quiet", "--out", str(task)]  # fmt: skip
+    assert main(["finetune", *args]) == 0
+    assert "next: sls prune" in capsys.readouterr().out
+    assert main(["prune", str(task), "--quiet"]) == 0
+    assert f"k = {uninterrupted['depth']} of 6 blocks" in capsys.readouterr().out
+    assert main(["retrain", str(task), "--quiet"]) == 0
+    assert main(["evaluate", str(task), "--quiet"]) == 0
+    record = json.loads((task / "record.json").read_text())
+    assert record["stages"] == ["finetune", "prune", "retrain", "evaluate"]
+    same_outcome(record, uninterrupted)
+
+
+def test_a_killed_run_resumes_from_its_last_stage(uninterrupted, tmp_path, monkeypatch):
+    config = dataclasses.replace(TINY, out=str(tmp_path / "task"))
+    stage_finetune(config)
+    stage_prune(config.out, progress=False)
+    pruned_bytes = (tmp_path / "task" / "task.safetensors").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sls.pipeline, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    # The interrupted retraining left the folder as the prune stage wrote it.
+    assert (tmp_path / "task" / "task.safetensors").read_bytes() == pruned_bytes
+    assert json.loads((tmp_path / "task" / "record.json").read_text())["stages"] == ["finetune", "prune"]
+    assert not [p for p in (tmp_path / "task").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    resumed = run(config)
+    same_outcome(resumed, uninterrupted)
+
+
+def test_two_runs_with_the_same_seed_are_identical(uninterrupted, tmp_path):
+    again = run(dataclasses.replace(TINY, out=str(tmp_path / "again")))
+    same_outcome(again, uninterrupted)
+
+
+def test_a_folder_of_another_run_is_refused(uninterrupted, tmp_path):
+    with pytest.raises(ConfigError, match=r"holds a run with other settings \(lr\)"):
+        run(dataclasses.replace(TINY, out=uninterrupted["config"]["out"], lr=0.01))
+
+
+def test_stages_out_of_order(tmp_path):
+    with pytest.raises(TaskRecordError, match="record.json not found"):
+        stage_prune(tmp_path, progress=False)
+    stage_finetune(dataclasses.replace(TINY, epochs=1, out=str(tmp_path / "t")))
+    with pytest.raises(TaskRecordError, match="is not pruned yet"):
+        sls.pipeline.stage_retrain(tmp_path / "t", progress=False)
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "task"
+    assert main(["run", "--model", "test_vit", "--weights", "random", "--data", "digits", "--quiet",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert f"cannot write the output folder {out}" in capsys.readouterr().err
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    model, _ = create_backbone("test_vit", num_classes=3, weights="random")
+    marker = tmp_path / "code-ran"
+    state = model.state_dict() | {"payload": _RunsCode(str(marker))}
+    torch.save(state, tmp_path / "evil.pth")
+    with pytest.raises(ConfigError, match="refused to load .*evil.pth: it is a pickle that needs .*mkdir.* safetensors"):
+        create_backbone("test_vit", num_classes=3, weights=tmp_path / "evil.pth")
+    assert not marker.exists()
+    # A plain state dict saved by torch loads fine (weights_only=True).
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    _, info = create_backbone("test_vit", num_classes=3, weights=tmp_path / "plain.pth")
+    assert info.weights.endswith("plain.pth")
+
+
+def test_corrupt_weights_files(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(ConfigError, match="junk.safetensors is not a readable checkpoint"):
+        create_backbone("test_vit", num_classes=3, weights=tmp_path / "junk.safetensors")
