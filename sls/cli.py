@@ -16,12 +16,13 @@ from sls import __version__
 from sls.errors import SLSError
 
 
-def _petl_options(pairs: list[str]) -> dict:
+def _key_values(pairs: list[str], flag: str) -> dict:
+    """KEY=VALUE options; values are read as JSON when they parse (numbers, lists), else kept as text."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SLSError(f"--petl-option wants KEY=VALUE, got {pair!r}")
+            raise SLSError(f"{flag} wants KEY=VALUE, got {pair!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -45,6 +46,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     d = RunConfig()
     parser.add_argument("--model", default=d.model, help="embedded model name or timm model name (default: %(default)s)")
     parser.add_argument("--weights", default=d.weights, help="local weights file for the timm model ('random' for random weights)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra timm.create_model argument, e.g. depth=6 (repeatable; stored in the record)")
     parser.add_argument("--data", default=d.data, help="mnist5k, fashion-mnist, digits, a VTAB-1k folder, an image-folder "
                         "tree or a path,label CSV (default: %(default)s)")
     parser.add_argument("--petl", default=d.petl, help=f"PETL method: {', '.join(list_petl())} (default: %(default)s)")
@@ -75,7 +78,8 @@ def _config_from(args: argparse.Namespace):
 
     return RunConfig(
         model=args.model, weights=args.weights, data=args.data, petl=args.petl,
-        petl_options=_petl_options(args.petl_option), img_size=args.img_size,
+        petl_options=_key_values(args.petl_option, "--petl-option"), img_size=args.img_size,
+        model_kwargs=_key_values(args.model_option, "--model-option"),
         train_samples=args.train_samples, test_samples=args.test_samples,
         analysis_samples=args.analysis_samples, epochs=args.epochs,
         retrain_epochs=args.retrain_epochs, retrain=not args.no_retrain, lr=args.lr,

@@ -60,6 +60,7 @@ class RunConfig:
 
     model: str = "embedded-dinov2-s"
     weights: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
     data: str = "mnist5k"
     petl: str = "lora"
     petl_options: dict = field(default_factory=dict)
@@ -137,7 +138,7 @@ def prepare(config: RunConfig) -> Experiment:
     data = load_dataset(config.data)
     splits = make_splits(data, train_size=config.train_samples, test_size=config.test_samples)
     model, backbone = create_backbone(config.model, num_classes=len(data.classes), weights=config.weights,
-                                      img_size=config.img_size)  # fmt: skip
+                                      img_size=config.img_size, model_kwargs=config.model_kwargs)  # fmt: skip
     petl = create_petl(config.petl, **config.petl_options)
     petl.apply(model)
     if config.depth is not None and not 1 <= config.depth <= backbone.num_blocks:

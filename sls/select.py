@@ -17,12 +17,6 @@ import numpy as np
 from sls.criteria import criterion_class
 from sls.errors import ConfigError
 
-DEFAULT_ALPHA = {"vit": 0.3, "swin": 0.3}
-"""Default ``alpha`` per backbone family. 0.3 is the paper's ViT value; its Swin
-value is unknown (the published code's -1 is a bug), so Swin uses 0.3 as well
-until measured otherwise."""
-
-
 @dataclass(frozen=True)
 class DepthDecision:
     """Outcome of the stop rule.
@@ -99,7 +93,9 @@ class DepthSelector:
     Hyper-parameters are stored untouched; :meth:`fit` validates and works.
 
     Args:
-        alpha: threshold factor (paper: 0.3 for ViT); see :func:`select_depth`.
+        alpha: threshold factor; see :func:`select_depth`. 0.3 is the paper's ViT value
+            and our default for every family (the paper's Swin value is unknown: the
+            published code's -1 is a bug).
         criterion: name of a registered criterion (see :mod:`sls.criteria`).
         tsne: t-SNE backend for the ``sls`` criterion: ``"sklearn"`` or ``"opentsne"``.
         perplexity: t-SNE perplexity.

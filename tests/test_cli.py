@@ -94,3 +94,13 @@ def test_analyze_refuses_unknown_criterion_before_any_work(tmp_path, capsys):
     assert main([*ANALYZE, "--criterion", "sls,nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown criterion 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_model_options_reach_timm_and_the_record(tmp_path, capsys):
+    out = tmp_path / "task"
+    assert main([*TINY, "--out", str(out), "--model-option", "depth=3", "--model-option", "embed_dim=32"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["backbone"]["num_blocks"] == 3 and len(record["scores"]) == 3
+    assert record["backbone"]["model_kwargs"] == {"depth": 3, "embed_dim": 32}
+    assert main([*TINY, "--out", str(tmp_path / "bad"), "--model-option", "depth"]) == 2
+    assert "--model-option wants KEY=VALUE, got 'depth'" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """The timm VisionTransformer family: per-block pooled features and tail truncation.
 
 Pooled feature of block i: the CLS token of block i's output (after its residual
-adds, before the model's final norm), as in the paper. Models without a class token
-use the mean of their patch tokens (prefix tokens such as registers excluded).
+adds, before the model's final norm), as in the paper. Models whose head reads the mean
+of the patch tokens (no class token, or ``global_pool="avg"``) use that mean instead
+(prefix tokens such as registers excluded).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def blocks(model: nn.Module) -> nn.Sequential:
 
 
 def pool_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) block output -> (B, D): CLS token, or mean patch token without one."""
-    if getattr(model, "cls_token", None) is not None:
+    """(B, L, D) block output -> (B, D), pooled the way the model's head reads it: the
+    CLS token for token pooling (the paper's case), else the mean of the patch tokens
+    (prefix tokens such as registers excluded)."""
+    if getattr(model, "cls_token", None) is not None and getattr(model, "global_pool", "token") == "token":
         return tokens[:, 0]
     return tokens[:, model.num_prefix_tokens :].mean(dim=1)
 

@@ -31,7 +31,12 @@ class BlockInfluence(Criterion):
             raise ScoreError("block-influence needs the input of block 1 (the embedding's pooled output)")
         inputs = [np.asarray(block_input, dtype=np.float64), *features[:-1]]
         scores = []
-        for x, y in zip(inputs, features):
+        for block, (x, y) in enumerate(zip(inputs, features), start=1):
+            if x.shape != y.shape:
+                raise ScoreError(
+                    f"block-influence compares a block's input and output, but block {block} changes the width "
+                    f"({x.shape[1]} -> {y.shape[1]}, a Swin stage boundary); use another criterion"
+                )
             cos = (x * y).sum(axis=1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-12)
             scores.append(float(np.mean(1.0 - cos)))
         return np.array(scores)
