@@ -24,7 +24,7 @@ demo: install
 	$(VENV)/bin/sls demo
 
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

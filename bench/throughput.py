@@ -25,6 +25,23 @@ def forward_flops(model: torch.nn.Module, img_size: int) -> int:
     return counter.get_total_flops()
 
 
+def depth_efficiency(
+    full: torch.nn.Module, depths: list[int], *, batch_size: int, img_size: int, rounds: int = 3
+) -> dict[str, dict[str, float]]:
+    """Per model ("full", "k=4", ...): images/s, speed-up over the full model, FLOPs
+    ratio (full / truncated) and efficiency (speed-up / FLOPs ratio), timed in one run."""
+    models = {"full": full} | {f"k={k}": truncate(copy.deepcopy(full), k) for k in depths}
+    rates = throughput(models, batch_size=batch_size, img_size=img_size, rounds=rounds)
+    flops = {name: forward_flops(model, img_size) for name, model in models.items()}
+    results = {}
+    for name in models:
+        speedup = rates[name] / rates["full"]
+        flops_ratio = flops["full"] / flops[name]
+        results[name] = {"images_per_s": rates[name], "speedup": speedup, "flops_ratio": flops_ratio,
+                         "efficiency": speedup / flops_ratio}  # fmt: skip
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded-dinov2-s")
@@ -37,16 +54,13 @@ def main() -> None:
 
     full, info = create_backbone(args.model, num_classes=10, weights=args.weights, img_size=args.img_size)
     depths = [int(k) for k in args.depths.split(",")]
-    models = {"full": full} | {f"k={k}": truncate(copy.deepcopy(full), k) for k in depths}
-    rates = throughput(models, batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds)
-    flops = {name: forward_flops(model, args.img_size) for name, model in models.items()}
+    results = depth_efficiency(full, depths, batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds)
     print(f"{info.model} ({info.num_blocks} blocks), {args.img_size} px, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'model':>7} {'img/s':>8} {'speed-up':>9} {'FLOPs ratio':>12} {'efficiency':>11}")
-    for name in models:
-        speedup = rates[name] / rates["full"]
-        flops_ratio = flops["full"] / flops[name]
-        print(f"{name:>7} {rates[name]:8.1f} {speedup:8.2f}x {flops_ratio:11.2f}x {speedup / flops_ratio:11.2f}")
+    for name, r in results.items():
+        print(f"{name:>7} {r['images_per_s']:8.1f} {r['speedup']:8.2f}x {r['flops_ratio']:11.2f}x "
+              f"{r['efficiency']:11.2f}")
 
 
 if __name__ == "__main__":

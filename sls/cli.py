@@ -42,6 +42,7 @@ def _count_or_all(text: str) -> int | None:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     from sls.petl import list_petl
     from sls.pipeline import RunConfig
+    from sls.retrain import create_strategy, list_strategies
 
     d = RunConfig()
     parser.add_argument("--model", default=d.model, help="embedded model name or timm model name (default: %(default)s)")
@@ -61,15 +62,35 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs (default: %(default)s)")
     parser.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs, help="retraining epochs after pruning (default: %(default)s)")
     parser.add_argument("--no-retrain", action="store_true", help="prune without retraining")
+    strategies = "; ".join(f"{name}: {create_strategy(name).description}" for name in list_strategies())
+    parser.add_argument("--retrain-strategy", default=d.retrain_strategy, choices=list_strategies(),
+                        help=f"how to retrain after pruning, for --retrain-epochs whatever the strategy: {strategies} "
+                             "(default: %(default)s)")
+    parser.add_argument("--retrain-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="retraining option, e.g. temperature=4, ce_weight=0.5, feature_weight=1 (distill), "
+                             "lr_ratio=0.1 (ft) (repeatable)")
+    parser.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                        help="choose the smallest k whose retrained validation accuracy is at most POINTS below "
+                             "the full model's, searching from SLS's k")
+    parser.add_argument("--val-samples", type=_count_or_all, default=d.val_samples,
+                        help="validation images --max-drop measures on, or 'all' (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=d.alpha, help="threshold factor, T = alpha * SC_N (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, nargs="+", default=[d.alpha], metavar="A",
+                        help="threshold factor, T = alpha * SC_N; several values report k for each from one "
+                             "scoring, the first prunes (default: %(default)s)")
     parser.add_argument("--tsne", default=d.tsne, choices=["sklearn", "opentsne"], help="t-SNE backend (default: %(default)s)")
     parser.add_argument("--depth", type=int, default=None, help="keep exactly this many blocks instead of SLS's k")
     parser.add_argument("--seed", type=int, default=d.seed, help="training seed (default: %(default)s)")
     parser.add_argument("--out", default=None, help="task folder (default: runs/<data>-<model>-<petl>-<time>)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave out unreadable images (reported) instead of stopping")
+    parser.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda or cuda:N "
+                        "(default: %(default)s); under torchrun each process takes its local GPU")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: autocast to bfloat16 (float16 on GPUs "
+                        "without bfloat16) for training, evaluation and throughput; block scores stay float32")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the model "
+                        "and its input batches")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -83,18 +104,29 @@ def _config_from(args: argparse.Namespace):
         train_samples=args.train_samples, test_samples=args.test_samples,
         analysis_samples=args.analysis_samples, epochs=args.epochs,
         retrain_epochs=args.retrain_epochs, retrain=not args.no_retrain, lr=args.lr,
-        batch_size=args.batch_size, alpha=args.alpha, tsne=args.tsne, depth=args.depth,
+        retrain_strategy=args.retrain_strategy, retrain_options=_key_values(args.retrain_option, "--retrain-option"),
+        max_drop=args.max_drop, val_samples=args.val_samples,
+        batch_size=args.batch_size, alpha=args.alpha[0], alphas=args.alpha[1:], tsne=args.tsne, depth=args.depth,
         seed=args.seed, out=args.out, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
+        device=args.device, amp=args.amp, channels_last=args.channels_last,
     )  # fmt: skip
 
 
 def _execute(config) -> int:
+    import dataclasses
+
+    from sls import distributed
     from sls.pipeline import run
     from sls.report import print_summary
 
-    record = run(config)
+    # Under torchrun (WORLD_SIZE > 1) every process runs this; only rank 0 prints.
+    with distributed.session(config.device):
+        record = run(dataclasses.replace(config, progress=config.progress and distributed.is_main()))
+        if not distributed.is_main():
+            return 0
     print_summary(record)
-    print(f"task folder: {record['config']['out']}  (record.json, task.safetensors, scores.csv, scores.png)")
+    plots = "scores.png, budget.png" if "budget_search" in record else "scores.png"
+    print(f"task folder: {record['config']['out']}  (record.json, task.safetensors, scores.csv, {plots})")
     return 0
 
 
@@ -114,8 +146,18 @@ def _finetune(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     from sls.pipeline import stage_prune
 
-    record = stage_prune(args.task, alpha=args.alpha, criterion=args.criterion, depth=args.depth,
-                         progress=not args.quiet)  # fmt: skip
+    alpha, alphas = (args.alpha[0], args.alpha[1:]) if args.alpha else (None, None)
+    record = stage_prune(args.task, alpha=alpha, alphas=alphas, criterion=args.criterion, depth=args.depth,
+                         max_drop=args.max_drop, progress=not args.quiet)  # fmt: skip
+    if len(record["depth_per_alpha"]) > 1:
+        per_alpha = record["depth_per_alpha"]
+        print("k per alpha: " + ", ".join(f"alpha={row['alpha']:g}: k={row['depth']}" for row in per_alpha))
+    search = record.get("budget_search")
+    if search:
+        tried = ", ".join(f"k={row['depth']} {100 * row['val_accuracy']:.1f}%" for row in search["tried"])
+        print(f"--max-drop {search['max_drop_points']:g}: full model {100 * search['full']['val_accuracy']:.1f}% on "
+              f"{search['val_images']} validation images; tried {tried}; k = {search['chosen_depth']} "
+              f"(SLS's k = {search['start_depth']}); plot: {args.task}/budget.png")  # fmt: skip
     scores = " ".join(f"{v:.2f}" for v in record["scores"])
     print(f"scores {scores}; T = {record['threshold']:.3f}; k = {record['depth']} of "
           f"{record['backbone']['num_blocks']} blocks; test accuracy before retraining "
@@ -126,7 +168,7 @@ def _prune(args: argparse.Namespace) -> int:
 def _retrain(args: argparse.Namespace) -> int:
     from sls.pipeline import stage_retrain
 
-    stage_retrain(args.task, epochs=args.retrain_epochs, progress=not args.quiet)
+    stage_retrain(args.task, epochs=args.retrain_epochs, strategy=args.retrain_strategy, progress=not args.quiet)
     print(f"retrained; next: sls evaluate {args.task}")
     return 0
 
@@ -136,6 +178,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     from sls.report import print_summary
 
     print_summary(stage_evaluate(args.task, progress=not args.quiet))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from sls import distributed
+    from sls.sweep import load_sweep, parse_shard, run_sweep
+
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
+    first = load_sweep(args.config, out=args.out)  # checked before any process group opens
+    # Under torchrun every process runs every task together; only rank 0 prints and writes.
+    with distributed.session(first.tasks[0].config.device):
+        sweep = load_sweep(args.config, out=args.out, progress=not args.quiet and distributed.is_main())
+        report = run_sweep(sweep, shard=shard, dry_run=args.dry_run)
+        if not distributed.is_main():
+            return 2 if report.failed else 0
+    if args.dry_run:
+        print(f"dry run: {len(sweep.tasks[shard[0]::shard[1]])} of {len(sweep.tasks)} tasks in this shard; "
+              "nothing run or written")
+        return 0
+    for row in report.rows:
+        if row["level"] != "task" and row["full_accuracy"] is not None:
+            print(f"{row['method']} / {row['group']} ({row['level']}): accuracy {100 * row['full_accuracy']:.1f}% -> "
+                  f"{100 * row['pruned_accuracy']:.1f}%, mean k {row['depth']:.1f}, speed-up {row['speedup']:.2f}x")
+    print(f"{len(report.ran)} run, {len(report.skipped)} already done, {len(report.failed)} failed; "
+          f"summary: {', '.join(str(path) for path in report.files)}")
+    if report.failed:
+        print(f"sls: error: {len(report.failed)} task(s) failed: {', '.join(report.failed)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -271,27 +341,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    from sls.data.files import to_rgb
-    from sls.errors import DataError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable image ({err})") from None
-
-
 def _predict(args: argparse.Namespace) -> int:
     import torch
 
     from sls.artifact import load_task
     from sls.data import make_transform
+    from sls.data.files import read_image
     from sls.export import predict
 
     model, record = load_task(args.task, weights=args.weights)
@@ -299,7 +354,7 @@ def _predict(args: argparse.Namespace) -> int:
     transform = make_transform(backbone["img_size"], tuple(backbone["mean"]), tuple(backbone["std"]),
                                backbone.get("interpolation", "bicubic"))  # fmt: skip
     # Every image is read before anything is printed: a bad one stops the command whole.
-    images = [transform(_read_image(path)) for path in args.images]
+    images = [transform(read_image(path)) for path in args.images]
     classes = record.get("classes") or [str(c) for c in range(record["num_classes"])]
     for start in range(0, len(images), args.batch_size):
         labels, probabilities = predict(model, torch.stack(images[start : start + args.batch_size]))
@@ -325,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(handler=_finetune)
     prune = commands.add_parser("prune", help="stage 2: score the blocks of a fine-tuned task, choose k, drop the rest")
     prune.add_argument("task", help="task folder")
-    prune.add_argument("--alpha", type=float, default=None, help="threshold factor (default: the task's)")
+    prune.add_argument("--alpha", type=float, nargs="+", default=None, metavar="A",
+                       help="threshold factor(s); k is reported for each, the first prunes (default: the task's)")
+    prune.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                       help="smallest k within POINTS of the full model's validation accuracy (default: the task's)")
     prune.add_argument("--criterion", default=None, help="layer criterion (default: the task's, sls)")
     prune.add_argument("--depth", type=int, default=None, help="keep exactly this many blocks")
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -333,12 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     retrain = commands.add_parser("retrain", help="stage 3: retrain the kept blocks' PETL modules and the head")
     retrain.add_argument("task", help="task folder")
     retrain.add_argument("--retrain-epochs", type=int, default=None, help="epochs (default: the task's)")
+    retrain.add_argument("--retrain-strategy", default=None, help="ft, clr, tfs or distill (default: the task's)")
     retrain.add_argument("--quiet", action="store_true", help="no progress bars")
     retrain.set_defaults(handler=_retrain)
     evaluate = commands.add_parser("evaluate", help="stage 4: accuracy, throughput, parameters and storage of a task")
     evaluate.add_argument("task", help="task folder")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=_evaluate)
+    sweep = commands.add_parser("sweep", help="run every task of a YAML sweep file (skipping finished ones) and "
+                                              "summarise them per task and per VTAB group")  # fmt: skip
+    sweep.add_argument("config", help="sweep file: defaults, methods, tasks (see sls.sweep)")
+    sweep.add_argument("--out", default=None, help="sweep folder (default: the file's out, else runs/<file name>)")
+    sweep.add_argument("--shard", default=None, metavar="I/N",
+                       help="run only tasks I, I+N, I+2N, ... (0-based): one share per machine or GPU")
+    sweep.add_argument("--dry-run", action="store_true", help="list the tasks and their state; run nothing")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    sweep.set_defaults(handler=_sweep)
 
     from sls.criteria import list_criteria
 

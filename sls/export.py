@@ -1,8 +1,8 @@
 """Standalone deployment of a task's model, with no sls or peft needed to run it.
 
 :func:`merge_for_inference` folds LoRA into the linear layers it adapts, so the model
-is a plain timm ViT again (other PETL modules stay, as modules). :func:`export_model`
-writes that model in one of three formats:
+is a plain timm ViT again (other PETL modules stay, as modules); :func:`deployable_model`
+also folds RepAdapter away. :func:`export_model` writes that model in one of three formats:
 
 - ``safetensors``: the full state dict plus a JSON metadata string (``timm_name``,
   ``depth``, ``num_classes``, ``img_size``, and the PETL modules left in it). With
@@ -27,7 +27,7 @@ from torch import nn
 
 from sls._io import atomic_write
 from sls.errors import ConfigError
-from sls.petl import create_petl, list_petl
+from sls.petl import PETLMethod, create_petl, list_petl
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 METADATA_KEY = "sls_export"
@@ -65,6 +65,22 @@ def merge_for_inference(model: nn.Module) -> nn.Module:
     """
     merged = merge_lora(copy.deepcopy(model))
     return merged.eval()
+
+
+def deployable_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as it is deployed: eval mode, LoRA folded into its base
+    linears and every re-parameterisable PETL module (RepAdapter) folded into the
+    layer after it.
+
+    Modules that cannot fold (adapter, Convpass) stay. This is the model to time and
+    to export: a merged RepAdapter costs nothing at inference. ``model`` is untouched.
+    """
+    deployable = merge_for_inference(model)
+    for method in _petl_left(deployable):
+        petl = create_petl(method)
+        if type(petl).merge is not PETLMethod.merge:  # the method can fold its modules away
+            petl.merge(deployable)
+    return deployable.eval()
 
 
 def _image_side(model: nn.Module, img_size: int | None) -> tuple[int, int]:
@@ -113,8 +129,10 @@ def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, meta
     with warnings.catch_warnings():
         # timm's input-size checks freeze into the trace; the fixed size is intended.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Newer torch deprecates TorchScript; the format was asked for by name, so no warning.
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example)
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path))
 
 
 def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sls import distributed
 from sls._io import atomic_write, cache_dir
 from sls.backbones import BlockFeatures, block_features, fingerprint
 
@@ -62,17 +63,11 @@ def cached_block_features(
     if not use_cache:
         return block_features(model, loader, progress=progress), False
     path = (cache or cache_dir() / "features") / f"{feature_key(model, **key_parts)}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as stored:
-                n_blocks = int(stored["n_blocks"])
-                return BlockFeatures(
-                    features=[stored[f"block_{i}"] for i in range(n_blocks)],
-                    labels=stored["labels"],
-                    block_input=stored["block_input"],
-                ), True
-        except (OSError, KeyError, ValueError):
-            pass  # an unreadable cache entry is recomputed and replaced
+    # In a process group the main process alone reads and writes the cache, and the
+    # others follow its answer: they all run the pass together or none does.
+    stored = distributed.run_on_main(_read_cached, path)
+    if stored is not None:
+        return stored, True
     result = block_features(model, loader, progress=progress)
     arrays = {f"block_{i}": f for i, f in enumerate(result.features)}
 
@@ -80,5 +75,20 @@ def cached_block_features(
         with tmp.open("wb") as fh:
             np.savez(fh, n_blocks=len(result.features), labels=result.labels, block_input=result.block_input, **arrays)
 
-    atomic_write(path, write)
+    distributed.run_on_main(atomic_write, path, write)
     return result, False
+
+
+def _read_cached(path: Path) -> BlockFeatures | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as stored:
+            n_blocks = int(stored["n_blocks"])
+            return BlockFeatures(
+                features=[stored[f"block_{i}"] for i in range(n_blocks)],
+                labels=stored["labels"],
+                block_input=stored["block_input"],
+            )
+    except (OSError, KeyError, ValueError):
+        return None  # an unreadable cache entry is recomputed and replaced

@@ -107,6 +107,62 @@ def plot_embeddings(path: str | Path, embeddings: list[np.ndarray], labels: np.n
     return _save_png(fig, path)
 
 
+_COMPARE_STYLES = {"full": ("black", "s", "full model"), "sls": ("tab:blue", "o", "SLS (depth k)"),
+                   "depgraph": ("tab:orange", "^", "DepGraph (width ratio r)")}  # fmt: skip
+
+
+def plot_compare(path: str | Path, rows: list[dict], *, title: str = "") -> Path:
+    """Test accuracy against measured throughput, one labelled point per model of
+    :func:`sls.compare.compare`; filled markers were retrained after pruning, hollow ones not."""
+    fig, ax = _pyplot().subplots(figsize=(7.2, 4.6), dpi=120)
+    for method, (color, marker, label) in _COMPARE_STYLES.items():
+        chosen = [row for row in rows if row["method"] == method]
+        for i, row in enumerate(chosen):
+            face = color if row["retrained"] or method == "full" else "none"
+            ax.scatter(row["throughput"], 100 * row["accuracy"], marker=marker, edgecolors=color, facecolors=face,
+                       s=36, label=label if i == 0 else None)  # fmt: skip
+            ax.annotate(row["model"], (row["throughput"], 100 * row["accuracy"]), fontsize=6,
+                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("throughput (images/s, deployable models, one timing run)")
+    ax.set_ylabel("test accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=7, title="hollow: not retrained", title_fontsize=7)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_budget(path: str | Path, search: dict, *, title: str = "") -> Path:
+    """Validation accuracy against throughput of every depth the ``--max-drop`` search
+    tried (a record's ``budget_search``), the full model, the budget line and the chosen k."""
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.2), dpi=120)
+    full = search["full"]
+    points = sorted(search["tried"], key=lambda row: row["depth"])
+    curve = [*points, full]  # by depth, the full model last
+    ax.plot([p["throughput"] for p in curve], [100 * p["val_accuracy"] for p in curve], ":", color="tab:gray")
+    for row in points:
+        color = "tab:blue" if row["within_budget"] else "tab:red"
+        ax.scatter(row["throughput"], 100 * row["val_accuracy"], color=color, s=30, zorder=3)
+        ax.annotate(f"k={row['depth']}", (row["throughput"], 100 * row["val_accuracy"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    ax.scatter(full["throughput"], 100 * full["val_accuracy"], marker="s", color="black", s=36, zorder=3,
+               label=f"full model (k={full['depth']})")  # fmt: skip
+    floor = 100 * full["val_accuracy"] - search["max_drop_points"]
+    ax.axhline(floor, color="tab:red", linestyle="--", label=f"budget: {search['max_drop_points']:g} points below full")
+    chosen = next((row for row in points if row["depth"] == search["chosen_depth"]), full)
+    ax.scatter(chosen["throughput"], 100 * chosen["val_accuracy"], s=160, facecolors="none", edgecolors="tab:green",
+               linewidths=2, zorder=4, label=f"chosen k = {chosen['depth']}")  # fmt: skip
+    ax.set_xlabel(f"throughput (images/s, batch {search['throughput_batch']}, one timing run)")
+    ax.set_ylabel(f"validation accuracy (%, {search['val_images']} images)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=7, title="blue: within budget, red: not", title_fontsize=7)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
 def summary_rows(record: dict) -> list[tuple[str, str, str]]:
     """(quantity, full model, pruned model) rows of a run's record."""
     res = record["results"]
@@ -119,7 +175,17 @@ def summary_rows(record: dict) -> list[tuple[str, str, str]]:
         ("test accuracy", f"{100 * res['accuracy']['full']:.1f}%", f"{100 * res['accuracy']['pruned_no_retrain']:.1f}% before retraining"),
     ]
     if res["accuracy"].get("pruned_retrained") is not None:
-        rows.append(("", "", f"{100 * res['accuracy']['pruned_retrained']:.1f}% after retraining"))
+        strategy = record.get("retrain_strategy")
+        how = f" ({strategy}, {record['retrain_epochs']} epoch(s))" if strategy else ""
+        rows.append(("", "", f"{100 * res['accuracy']['pruned_retrained']:.1f}% after retraining{how}"))
+    per_alpha = record.get("depth_per_alpha", [])
+    if len(per_alpha) > 1:
+        rows.insert(1, ("k per alpha", "", ", ".join(f"alpha={row['alpha']:g}: k={row['depth']}" for row in per_alpha)))
+    search = record.get("budget_search")
+    if search:
+        rows.insert(1, (f"--max-drop {search['max_drop_points']:g}", "",
+                        f"k = {search['chosen_depth']} (SLS's k = {search['start_depth']}); {len(search['tried'])} "
+                        f"depth(s) tried on {search['val_images']} validation images"))  # fmt: skip
     rows += [
         (
             f"throughput (batch {res['throughput']['batch_size']})",

@@ -182,14 +182,25 @@ class DepthSelector:
         self.scores_ = self.scores_per_seed_.mean(axis=0)
         self.scores_std_ = self.scores_per_seed_.std(axis=0)
         self.n_blocks_ = len(self.scores_)
-        decisions = [select_depth(run, self.alpha, criterion.kind) for run in runs]
+        self.kind_ = criterion.kind
+        decisions = [select_depth(run, self.alpha, self.kind_) for run in runs]
         self.depths_per_seed_ = [d.depth for d in decisions]
-        self.depth_ = most_frequent_depth(self.depths_per_seed_)
-        chosen = next(d for d in decisions if d.depth == self.depth_)
+        chosen = _most_frequent_decision(decisions)
+        self.depth_ = chosen.depth
         self.threshold_ = chosen.threshold
         self.reason_ = chosen.reason
-        self.kind_ = criterion.kind
         return self
+
+    def decide(self, alpha: float) -> DepthDecision:
+        """The stop rule at ``alpha`` on the scores :meth:`fit` computed, without scoring
+        again: k is the most frequent per-seed k (ties: the larger), and the threshold
+        and reason those of the first seed that chose it."""
+        return _most_frequent_decision([select_depth(run, alpha, self.kind_) for run in self.scores_per_seed_])
+
+
+def _most_frequent_decision(decisions: list[DepthDecision]) -> DepthDecision:
+    depth = most_frequent_depth([d.depth for d in decisions])
+    return next(d for d in decisions if d.depth == depth)
 
 
 def _stop_idle_workers() -> None:

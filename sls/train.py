@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -10,7 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sls import distributed
 from sls.errors import ConfigError
+from sls.runtime import active_runtime, model_device
 
 
 def train(
@@ -22,14 +25,27 @@ def train(
     weight_decay: float = 1e-4,
     warmup_fraction: float = 0.1,
     min_lr_ratio: float = 0.01,
+    schedule: str = "cosine",
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> list[float]:
     """Train the model's trainable parameters (PETL modules and head) with AdamW.
 
-    The learning rate warms up linearly over the first ``warmup_fraction`` of the
-    updates, then follows a cosine down to ``lr * min_lr_ratio`` (timm's scheduler,
-    stepped per update). Frozen parameters stay untouched.
+    With ``schedule="cosine"`` the learning rate warms up linearly over the first
+    ``warmup_fraction`` of the updates, then follows a cosine down to
+    ``lr * min_lr_ratio`` (timm's scheduler, stepped per update); with
+    ``schedule="constant"`` it stays at ``lr``. Frozen parameters stay untouched.
+
+    Batches go to the model's device, with the active runtime's mixed precision and
+    memory layout (:mod:`sls.runtime`; float32 by default). Inside a process group of
+    several processes (:mod:`sls.distributed`) the model trains data-parallel: each
+    process takes its share of every batch and the gradients are averaged.
+
+    Args:
+        objective: ``(images, targets) -> loss``, computed with ``model``; default:
+            the cross-entropy of ``model(images)``. Not data-parallel: refused inside
+            a process group.
 
     Returns:
         the mean training loss of each epoch.
@@ -39,34 +55,54 @@ def train(
         raise ConfigError("the model has no trainable parameters")
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    if schedule not in ("cosine", "constant"):
+        raise ConfigError(f"unknown learning-rate schedule {schedule!r}; choose cosine or constant")
+    if objective is not None and distributed.active():
+        raise ConfigError("a custom training objective cannot run data-parallel; run it in one process")
+    runtime, device = active_runtime(), model_device(model)
+    loader = distributed.shuffled_shard(loader)
+    net = distributed.data_parallel(model)
+    scaler = runtime.grad_scaler(device)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = epochs * len(loader)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=total,
-        lr_min=lr * min_lr_ratio,
-        warmup_t=int(math.ceil(warmup_fraction * total)),
-        warmup_lr_init=lr * min_lr_ratio,
-        t_in_epochs=False,
-    )
-    criterion = nn.CrossEntropyLoss()
+    scheduler = None
+    if schedule == "cosine":
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=total,
+            lr_min=lr * min_lr_ratio,
+            warmup_t=int(math.ceil(warmup_fraction * total)),
+            warmup_lr_init=lr * min_lr_ratio,
+            t_in_epochs=False,
+        )
+    if objective is None:
+        cross_entropy = nn.CrossEntropyLoss()
+
+        def objective(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return cross_entropy(net(images), targets)
     losses = []
     step = 0
     model.train()
     with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
         for epoch in range(epochs):
+            distributed.set_epoch(loader, epoch)
             running, seen = 0.0, 0
             for images, targets in loader:
-                loss = criterion(model(images), targets)
+                images, targets = runtime.inputs(images, device), torch.as_tensor(targets).to(device)
+                with runtime.autocast(device):
+                    loss = objective(images, targets)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
-                scheduler.step_update(step)
+                if scheduler is not None:
+                    scheduler.step_update(step)
                 running += loss.item() * len(targets)
                 seen += len(targets)
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}")
+            running, seen = distributed.sum_over_processes(running, seen)
             losses.append(running / seen)
     model.eval()
     return losses
@@ -74,13 +110,22 @@ def train(
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader: DataLoader, *, desc: str = "evaluate", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every sample in loader order."""
+    """Logits (float32, on the CPU) and labels of every sample in loader order.
+
+    Batches go to the model's device, with the active runtime's mixed precision and
+    memory layout (:mod:`sls.runtime`). Inside a process group each process predicts
+    its share and every process gets all of them back in order
+    (:func:`sls.distributed.ordered_shard`).
+    """
+    runtime, device = active_runtime(), model_device(model)
+    loader, gather = distributed.ordered_shard(loader)
     model.eval()
     logits, labels = [], []
     for images, targets in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        logits.append(model(images))
+        with runtime.autocast(device):
+            logits.append(model(runtime.inputs(images, device)).float().cpu())
         labels.append(torch.as_tensor(targets))
-    return torch.cat(logits), torch.cat(labels)
+    return gather(torch.cat(logits)), gather(torch.cat(labels))
 
 
 def accuracy(model: nn.Module, loader: DataLoader, *, desc: str = "evaluate", progress: bool = True) -> float:

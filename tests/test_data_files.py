@@ -166,15 +166,23 @@ def test_data_check_command(tmp_path, capsys):
 
 
 def test_run_on_a_user_folder_with_a_bad_image(tmp_path, capsys):
-    root = make_vtab(tmp_path / "data", n_train=60, n_val=20, n_test=20)
+    root = make_vtab(tmp_path / "data", n_train=80, n_val=20, n_test=20)
     (root / "images" / "train800_5.png").write_bytes(b"junk")
     args = ["run", "--model", "test_vit", "--weights", "random", "--data", str(root), "--img-size", "32",
             "--epochs", "1", "--analysis-samples", "all", "--quiet"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "fails")]) == 2
     assert "train800_5.png: not a readable image" in capsys.readouterr().err
-    assert not (tmp_path / "fails").exists()
-    # t-SNE needs more than 90 images at perplexity 30: 79 readable ones are too few.
-    assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "t")]) == 2
-    err = capsys.readouterr().err
-    assert "needs more than 90 samples, got 79" in err
-    assert not (tmp_path / "t" / "record.json").exists()
+    assert not (tmp_path / "fails" / "record.json").exists()
+    assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "t")]) == 0
+    assert "sls: skipped" in capsys.readouterr().out
+    record = json.loads((tmp_path / "t" / "record.json").read_text())
+    assert record["data"]["analysed_train_samples"] == 99
+
+
+def test_too_few_images_for_tsne_is_found_before_training(tmp_path, capsys):
+    root = make_vtab(tmp_path / "data", n_train=60, n_val=20, n_test=20)
+    args = ["run", "--model", "test_vit", "--weights", "random", "--data", str(root), "--img-size", "32",
+            "--epochs", "1", "--analysis-samples", "all", "--quiet", "--out", str(tmp_path / "t")]  # fmt: skip
+    assert main(args) == 2
+    assert "needs more than 90 samples, got 80 training images" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

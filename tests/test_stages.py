@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sls.pipeline
+import sls.retrain
 from sls.backbones import create_backbone
 from sls.cli import main
 from sls.errors import ConfigError, TaskRecordError
@@ -56,7 +57,7 @@ def test_a_killed_run_resumes_from_its_last_stage(uninterrupted, tmp_path, monke
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sls.pipeline, "train", killed)
+    monkeypatch.setattr(sls.retrain, "train", killed)
     with pytest.raises(KeyboardInterrupt):
         run(config)
     # The interrupted retraining left the folder as the prune stage wrote it.

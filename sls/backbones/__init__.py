@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sls import distributed
 from sls.backbones import swin, vit
 from sls.errors import ConfigError, UnknownModelError
 
@@ -309,6 +310,11 @@ def num_blocks(model: nn.Module) -> int:
     return len(_FAMILIES[_family(model)].blocks(model))
 
 
+def pool_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """One block's output pooled the way :func:`block_features` pools it (the family's rule)."""
+    return _FAMILIES[_family(model)].pool_tokens(model, tokens)
+
+
 def truncate(model: nn.Module, depth: int) -> nn.Module:
     """Keep blocks 1..depth (1-based) in place; raise if depth is out of range."""
     total = num_blocks(model)
@@ -341,8 +347,14 @@ def block_features(
     token without one); the mean over all tokens for Swin, taken before the next
     stage's patch merging, so block i's width is its stage's width. For Swin the input
     of block 1 is the patch embedding's normed output.
+
+    Batches go to the model's device; the features are float32 on the CPU. Inside a
+    process group each process runs its share of the images and every process gets
+    all the features back in the loader's order (:func:`sls.distributed.ordered_shard`).
     """
     model.eval()
+    device = next(model.parameters()).device
+    loader, gather = distributed.ordered_shard(loader)
     family = _FAMILIES[_family(model)]
     stack = family.blocks(model)
     collected: list[list[torch.Tensor]] = [[] for _ in stack]
@@ -359,13 +371,13 @@ def block_features(
     labels = []
     try:
         for images, targets in tqdm(loader, desc="block features", unit="batch", disable=not progress):
-            model.forward_features(images)
+            model.forward_features(images.to(device))
             labels.append(torch.as_tensor(targets))
     finally:
         for hook in hooks:
             hook.remove()
     return BlockFeatures(
-        features=[torch.cat(store).numpy() for store in collected],
-        labels=torch.cat(labels).numpy().astype(np.int64),
-        block_input=torch.cat(first_input).numpy(),
+        features=[gather(torch.cat(store)).numpy() for store in collected],
+        labels=gather(torch.cat(labels)).numpy().astype(np.int64),
+        block_input=gather(torch.cat(first_input)).numpy(),
     )

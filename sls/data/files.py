@@ -64,16 +64,20 @@ class LabelledFiles:
 
     def image(self, i: int) -> Image.Image:
         """Sample ``i`` as an RGB image; a file that cannot be decoded raises DataError."""
-        path = self.paths[i]
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(img)
-        except FileNotFoundError:
-            raise DataError(f"{path}: file not found (listed in {self.source})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"{path}: not a readable image ({err}); fix or remove it, "
-                            "or pass --skip-bad-images") from None  # fmt: skip
+        return read_image(self.paths[i], listed_in=self.source, hint="fix or remove it, or pass --skip-bad-images")
+
+
+def read_image(path: str | Path, *, listed_in: str | None = None, hint: str = "") -> Image.Image:
+    """An image file as 8-bit RGB; a missing or undecodable file raises DataError naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except FileNotFoundError:
+        where = f" (listed in {listed_in})" if listed_in else ""
+        raise DataError(f"{path}: file not found{where}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: not a readable image ({err}){'; ' + hint if hint else ''}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
