@@ -20,6 +20,7 @@ _LAZY = {
     "block_features": "sls.backbones",
     "truncate": "sls.backbones",
     "create_petl": "sls.petl",
+    "apply_recipe": "sls.recipes",
 }
 __all__ += sorted(_LAZY)
 

@@ -30,9 +30,13 @@ def _key_values(pairs: list[str], flag: str) -> dict:
     return options
 
 
-def _count_or_all(text: str) -> int | None:
-    if text == "all":
-        return None
+ALL = "all"
+"""What ``_count_or_all`` gives for 'all' (None stands for "not given" on the command line)."""
+
+
+def _count_or_all(text: str) -> int | str:
+    if text == ALL:
+        return ALL
     try:
         return int(text)
     except ValueError:
@@ -40,76 +44,111 @@ def _count_or_all(text: str) -> int | None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The RunConfig options. Every default is None ("not given"), so that a ``--recipe``
+    fills in only what the command line leaves out; the help shows RunConfig's default."""
     from sls.petl import list_petl
-    from sls.pipeline import RunConfig
+    from sls.pipeline import NORMALIZATIONS, RunConfig
+    from sls.recipes import describe_recipes, list_recipes
     from sls.retrain import create_strategy, list_strategies
 
     d = RunConfig()
-    parser.add_argument("--model", default=d.model, help="embedded model name or timm model name (default: %(default)s)")
-    parser.add_argument("--weights", default=d.weights, help="local weights file for the timm model ('random' for random weights)")
-    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra timm.create_model argument, e.g. depth=6 (repeatable; stored in the record)")
-    parser.add_argument("--data", default=d.data, help="mnist5k, fashion-mnist, digits, a VTAB-1k folder, an image-folder "
-                        "tree or a path,label CSV (default: %(default)s)")
-    parser.add_argument("--petl", default=d.petl, help=f"PETL method: {', '.join(list_petl())} (default: %(default)s)")
-    parser.add_argument("--petl-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="PETL hyper-parameter, e.g. r=16 (repeatable)")
-    parser.add_argument("--img-size", type=int, default=d.img_size, help="input side in pixels (default: %(default)s)")
-    parser.add_argument("--train-samples", type=int, default=d.train_samples, help="training images (default: %(default)s)")
-    parser.add_argument("--test-samples", type=int, default=d.test_samples, help="test images (default: %(default)s)")
-    parser.add_argument("--analysis-samples", type=_count_or_all, default=d.analysis_samples,
-                        help="training images the blocks are scored on, or 'all' (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs (default: %(default)s)")
-    parser.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs, help="retraining epochs after pruning (default: %(default)s)")
-    parser.add_argument("--no-retrain", action="store_true", help="prune without retraining")
+
+    def option(*flags: str, help: str, default_shown=None, **kwargs) -> None:
+        if default_shown is not None:
+            help = f"{help} (default: {default_shown})"
+        parser.add_argument(*flags, default=None, help=help, **kwargs)
+
+    def samples(value: int | None) -> str:
+        return ALL if value is None else str(value)
+
+    option("--recipe", choices=list_recipes(), help=f"preset of the settings below; an option given here wins: "
+           f"{describe_recipes()}")  # fmt: skip
+    option("--model", help="embedded model name or timm model name", default_shown=d.model)
+    option("--weights", help="local weights file for the timm model ('random' for random weights)")
+    option("--model-option", action="append", metavar="KEY=VALUE",
+           help="extra timm.create_model argument, e.g. depth=6 (repeatable; stored in the record)")
+    option("--data", help="mnist5k, fashion-mnist, digits, a VTAB-1k folder, an image-folder tree or a path,label CSV",
+           default_shown=d.data)  # fmt: skip
+    option("--petl", help=f"PETL method: {', '.join(list_petl())}", default_shown=d.petl)
+    option("--petl-option", action="append", metavar="KEY=VALUE", help="PETL hyper-parameter, e.g. r=16 (repeatable)")
+    option("--img-size", type=int, help="input side in pixels", default_shown=d.img_size)
+    option("--train-samples", type=_count_or_all, help="training images, or 'all'",
+           default_shown=samples(d.train_samples))
+    option("--test-samples", type=_count_or_all, help="test images, or 'all'", default_shown=samples(d.test_samples))
+    option("--analysis-samples", type=_count_or_all, help="training images the blocks are scored on, or 'all'",
+           default_shown=samples(d.analysis_samples))
+    option("--epochs", type=int, help="fine-tuning epochs", default_shown=d.epochs)
+    option("--retrain-epochs", type=int, help="retraining epochs after pruning", default_shown=d.retrain_epochs)
+    option("--no-retrain", action="store_true", help="prune without retraining")
     strategies = "; ".join(f"{name}: {create_strategy(name).description}" for name in list_strategies())
-    parser.add_argument("--retrain-strategy", default=d.retrain_strategy, choices=list_strategies(),
-                        help=f"how to retrain after pruning, for --retrain-epochs whatever the strategy: {strategies} "
-                             "(default: %(default)s)")
-    parser.add_argument("--retrain-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="retraining option, e.g. temperature=4, ce_weight=0.5, feature_weight=1 (distill), "
-                             "lr_ratio=0.1 (ft) (repeatable)")
-    parser.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
-                        help="choose the smallest k whose retrained validation accuracy is at most POINTS below "
-                             "the full model's, searching from SLS's k")
-    parser.add_argument("--val-samples", type=_count_or_all, default=d.val_samples,
-                        help="validation images --max-drop measures on, or 'all' (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, nargs="+", default=[d.alpha], metavar="A",
-                        help="threshold factor, T = alpha * SC_N; several values report k for each from one "
-                             "scoring, the first prunes (default: %(default)s)")
-    parser.add_argument("--tsne", default=d.tsne, choices=["sklearn", "opentsne"], help="t-SNE backend (default: %(default)s)")
-    parser.add_argument("--depth", type=int, default=None, help="keep exactly this many blocks instead of SLS's k")
-    parser.add_argument("--seed", type=int, default=d.seed, help="training seed (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="task folder (default: runs/<data>-<model>-<petl>-<time>)")
-    parser.add_argument("--skip-bad-images", action="store_true",
-                        help="leave out unreadable images (reported) instead of stopping")
-    parser.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda or cuda:N "
-                        "(default: %(default)s); under torchrun each process takes its local GPU")
-    parser.add_argument("--amp", action="store_true", help="mixed precision: autocast to bfloat16 (float16 on GPUs "
-                        "without bfloat16) for training, evaluation and throughput; block scores stay float32")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the model "
-                        "and its input batches")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    option("--retrain-strategy", choices=list_strategies(), default_shown=d.retrain_strategy,
+           help=f"how to retrain after pruning, for --retrain-epochs whatever the strategy: {strategies}")
+    option("--retrain-option", action="append", metavar="KEY=VALUE",
+           help="retraining option, e.g. temperature=4, ce_weight=0.5, feature_weight=1 (distill), "
+                "lr_ratio=0.1 (ft) (repeatable)")
+    option("--max-drop", type=float, metavar="POINTS",
+           help="choose the smallest k whose retrained validation accuracy is at most POINTS below "
+                "the full model's, searching from SLS's k")
+    option("--val-samples", type=_count_or_all, help="validation images --max-drop measures on, or 'all'",
+           default_shown=samples(d.val_samples))
+    option("--lr", type=float, help="AdamW peak learning rate", default_shown=d.lr)
+    option("--weight-decay", type=float, help="AdamW weight decay", default_shown=d.weight_decay)
+    option("--warmup-epochs", type=float, help="linear warm-up before the cosine decay",
+           default_shown="a tenth of the epochs")
+    option("--min-lr", type=float, help="learning rate at the end of the cosine", default_shown="lr / 100")
+    option("--drop-path", type=float, help="stochastic depth rate of the backbone while training",
+           default_shown=d.drop_path)
+    option("--normalize", choices=NORMALIZATIONS, default_shown=d.normalize,
+           help="input mean and std: the model's pretrained config, or ImageNet's")
+    option("--batch-size", type=int, help="training batch size", default_shown=d.batch_size)
+    option("--throughput-batch", type=int, help="batch size of the throughput measurement",
+           default_shown=d.throughput_batch)
+    option("--alpha", type=float, nargs="+", metavar="A", default_shown=d.alpha,
+           help="threshold factor, T = alpha * SC_N; several values report k for each from one "
+                "scoring, the first prunes")
+    option("--tsne", choices=["sklearn", "opentsne"], help="t-SNE backend", default_shown=d.tsne)
+    option("--depth", type=int, help="keep exactly this many blocks instead of SLS's k")
+    option("--seed", type=int, help="training seed", default_shown=d.seed)
+    option("--out", help="task folder (default: runs/<data>-<model>-<petl>-<time>)")
+    option("--skip-bad-images", action="store_true", help="leave out unreadable images (reported) instead of stopping")
+    option("--device", default_shown=d.device,
+           help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process takes its local GPU")
+    option("--amp", action="store_true", help="mixed precision: autocast to bfloat16 (float16 on GPUs "
+           "without bfloat16) for training, evaluation and throughput; block scores stay float32")
+    option("--channels-last", action="store_true", help="channels-last memory layout for the model and its input "
+           "batches")  # fmt: skip
+    option("--quiet", action="store_true", help="no progress bars")
 
 
 def _config_from(args: argparse.Namespace):
+    """RunConfig from the options given, over the ``--recipe``'s settings, over the defaults."""
     from sls.pipeline import RunConfig
+    from sls.recipes import apply_recipe
 
-    return RunConfig(
-        model=args.model, weights=args.weights, data=args.data, petl=args.petl,
-        petl_options=_key_values(args.petl_option, "--petl-option"), img_size=args.img_size,
-        model_kwargs=_key_values(args.model_option, "--model-option"),
-        train_samples=args.train_samples, test_samples=args.test_samples,
-        analysis_samples=args.analysis_samples, epochs=args.epochs,
-        retrain_epochs=args.retrain_epochs, retrain=not args.no_retrain, lr=args.lr,
-        retrain_strategy=args.retrain_strategy, retrain_options=_key_values(args.retrain_option, "--retrain-option"),
-        max_drop=args.max_drop, val_samples=args.val_samples,
-        batch_size=args.batch_size, alpha=args.alpha[0], alphas=args.alpha[1:], tsne=args.tsne, depth=args.depth,
-        seed=args.seed, out=args.out, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
-        device=args.device, amp=args.amp, channels_last=args.channels_last,
-    )  # fmt: skip
+    given = {
+        "model": args.model, "weights": args.weights, "data": args.data, "petl": args.petl,
+        "img_size": args.img_size, "train_samples": args.train_samples, "test_samples": args.test_samples,
+        "analysis_samples": args.analysis_samples, "epochs": args.epochs, "retrain_epochs": args.retrain_epochs,
+        "retrain": False if args.no_retrain else None, "retrain_strategy": args.retrain_strategy,
+        "max_drop": args.max_drop, "val_samples": args.val_samples, "lr": args.lr,
+        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "min_lr": args.min_lr,
+        "drop_path": args.drop_path, "normalize": args.normalize, "batch_size": args.batch_size,
+        "throughput_batch": args.throughput_batch, "tsne": args.tsne, "depth": args.depth, "seed": args.seed,
+        "out": args.out, "skip_bad_images": args.skip_bad_images, "device": args.device, "amp": args.amp,
+        "channels_last": args.channels_last,
+        "progress": False if args.quiet else None,
+    }  # fmt: skip
+    settings = {key: (None if value == ALL else value) for key, value in given.items() if value is not None}
+    for key, flag, pairs in (("petl_options", "--petl-option", args.petl_option),
+                             ("retrain_options", "--retrain-option", args.retrain_option),
+                             ("model_kwargs", "--model-option", args.model_option)):  # fmt: skip
+        if pairs:
+            settings[key] = _key_values(pairs, flag)
+    if args.alpha:
+        settings["alpha"], settings["alphas"] = args.alpha[0], args.alpha[1:]
+    if args.recipe:
+        settings = apply_recipe(args.recipe, settings)
+    return RunConfig(**settings)
 
 
 def _execute(config) -> int:
@@ -223,7 +262,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
     config = AnalyzeConfig(
         model=args.model, weights=args.weights, task=args.task, data=args.data, img_size=args.img_size,
-        samples=args.samples, criteria=[c.strip() for c in args.criterion.split(",") if c.strip()],
+        samples=None if args.samples == ALL else args.samples,
+        criteria=[c.strip() for c in args.criterion.split(",") if c.strip()],
         alpha=args.alpha, tsne=args.tsne, perplexity=args.perplexity, pca_dims=args.pca, seeds=args.seeds,
         seed=args.seed, use_cache=not args.no_cache, out=args.out, progress=not args.quiet,
     )  # fmt: skip

@@ -175,8 +175,13 @@ def _make_trainable(model: nn.Module, record: dict) -> nn.Module:
 
 def _retrain(model: nn.Module, data: _TaskData, record: dict, epochs: int, desc: str, progress: bool) -> None:
     cfg = record["config"]
+    # The task's own schedule; warm-up and final rate are scaled when the epochs differ.
+    warmup = cfg.get("warmup_epochs")
+    if warmup is not None:
+        warmup = float(warmup) * epochs / max(1, int(cfg["retrain_epochs"]))
+    min_lr = None if cfg.get("min_lr") is None else float(cfg["min_lr"])
     train(model, data.train_loader, epochs=epochs, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
-          desc=desc, progress=progress)  # fmt: skip
+          warmup_epochs=warmup, min_lr=min_lr, desc=desc, progress=progress)  # fmt: skip
 
 
 def _rows(candidates: list[_Candidate], data: _TaskData, *, batch_size: int, img_size: int,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -46,7 +47,10 @@ from sls.report import plot_budget, plot_scores, write_scores_csv
 from sls.retrain import create_strategy, search_depth, within_budget
 from sls.runtime import Runtime, resolve_device, set_runtime
 from sls.select import DepthSelector
-from sls.train import accuracy, train
+from sls.train import Schedule, accuracy, train
+
+NORMALIZATIONS = ("model", "imagenet")
+"""Input statistics: the model's pretrained config, or ImageNet's (the paper's VTAB code)."""
 
 
 @dataclass
@@ -92,6 +96,10 @@ class RunConfig:
     retrain_options: dict = field(default_factory=dict)
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    warmup_epochs: float | None = None
+    min_lr: float | None = None
+    drop_path: float = 0.0
+    normalize: str = "model"
     batch_size: int = 32
     alpha: float = 0.3
     alphas: list[float] = field(default_factory=list)
@@ -108,8 +116,14 @@ class RunConfig:
     device: str = "auto"
     amp: bool = False
     channels_last: bool = False
+    recipe: str | None = None
     out: str | None = None
     progress: bool = True
+
+    @property
+    def schedule(self) -> Schedule:
+        """The optimiser settings, the same for fine-tuning and retraining."""
+        return Schedule(self.lr, self.weight_decay, self.warmup_epochs, self.min_lr)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.retrain_epochs < 1:
@@ -118,12 +132,24 @@ class RunConfig:
             raise ConfigError("batch sizes must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--min-lr must be from 0 to --lr ({self.lr:g}), got {self.min_lr:g}")
+        if self.warmup_epochs is not None:
+            shortest = min(self.epochs, self.retrain_epochs) if self.retrain else self.epochs
+            if not 0 <= self.warmup_epochs < shortest:
+                raise ConfigError(f"--warmup-epochs must be from 0 to fewer than the {shortest} epochs of the "
+                                  f"shortest training, got {self.warmup_epochs:g}")  # fmt: skip
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if self.img_size < 8:
             raise ConfigError(f"--img-size must be at least 8 pixels, got {self.img_size}")
         for alpha in [self.alpha, *self.alphas]:
             if not math.isfinite(alpha) or alpha < 0:
                 raise ConfigError(f"alpha must be a finite number >= 0, got {alpha}")
         create_strategy(self.retrain_strategy, **self.retrain_options)
+        create_petl(self.petl, **self.petl_options)
         if self.max_drop is not None:
             if not math.isfinite(self.max_drop) or self.max_drop < 0:
                 raise ConfigError(f"--max-drop must be a number of points >= 0, got {self.max_drop}")
@@ -173,7 +199,10 @@ def prepare(config: RunConfig) -> Experiment:
     data = load_dataset(config.data)
     splits = make_splits(data, train_size=config.train_samples, test_size=config.test_samples)
     model, backbone = create_backbone(config.model, num_classes=len(data.classes), weights=config.weights,
-                                      img_size=config.img_size, model_kwargs=config.model_kwargs)  # fmt: skip
+                                      img_size=config.img_size, drop_path_rate=config.drop_path,
+                                      model_kwargs=config.model_kwargs)  # fmt: skip
+    if config.normalize == "imagenet":
+        backbone = dataclasses.replace(backbone, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     petl = create_petl(config.petl, **config.petl_options)
     petl.apply(model)
     runtime = Runtime(amp=config.amp, channels_last=config.channels_last)
@@ -220,8 +249,8 @@ def prepare(config: RunConfig) -> Experiment:
 def finetune(exp: Experiment) -> float:
     """Train the PETL modules and head with all N blocks; return the test accuracy."""
     cfg = exp.config
-    train(exp.model, exp.train_loader, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-          desc="fine-tune", progress=cfg.progress)  # fmt: skip
+    train(exp.model, exp.train_loader, epochs=cfg.epochs, **cfg.schedule.train_kwargs(), desc="fine-tune",
+          progress=cfg.progress)  # fmt: skip
     return accuracy(exp.model, exp.test_loader, desc="test full", progress=cfg.progress)
 
 
@@ -264,8 +293,8 @@ def retrain_pruned(exp: Experiment, pruned: nn.Module, strategy: str | None = No
     seed_everything(cfg.seed)
     if exp.train_loader.generator is not None:
         exp.train_loader.generator.manual_seed(cfg.seed)
-    return method.retrain(pruned, teacher=exp.model, loader=exp.train_loader, epochs=cfg.retrain_epochs, lr=cfg.lr,
-                          weight_decay=cfg.weight_decay, initial_state=exp.initial_state, progress=cfg.progress)  # fmt: skip
+    return method.retrain(pruned, teacher=exp.model, loader=exp.train_loader, epochs=cfg.retrain_epochs,
+                          schedule=cfg.schedule, initial_state=exp.initial_state, progress=cfg.progress)  # fmt: skip
 
 
 def budget_search(exp: Experiment, start: int) -> dict:
@@ -516,7 +545,9 @@ def changed_settings(config: RunConfig, record: dict) -> list[str]:
     """The settings in which a task record's run differs from ``config`` (sorted names;
     empty when ``config`` would resume it). Output folder, progress and device may differ."""
     mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_CONFIG}
-    theirs = {k: v for k, v in record.get("config", {}).items() if k not in _NOT_CONFIG}
+    # A setting added after the record was written counts as its default there.
+    defaults = {k: v for k, v in dataclasses.asdict(RunConfig()).items() if k not in _NOT_CONFIG}
+    theirs = {**defaults, **{k: v for k, v in record.get("config", {}).items() if k not in _NOT_CONFIG}}
     return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from sls.backbones import all_blocks, pool_tokens
 from sls.errors import ConfigError
-from sls.train import train
+from sls.train import Schedule, train
 
 
 class RetrainStrategy:
@@ -71,8 +71,7 @@ class RetrainStrategy:
         teacher: nn.Module | None,
         loader: DataLoader,
         epochs: int,
-        lr: float,
-        weight_decay: float,
+        schedule: Schedule,
         initial_state: dict[str, torch.Tensor],
         progress: bool = True,
     ) -> list[float]:
@@ -83,8 +82,8 @@ class RetrainStrategy:
             teacher: the unpruned fine-tuned model (used by ``distill`` only; never changed).
             loader: the shuffled training batches.
             epochs: the retraining budget, the same for every strategy.
-            lr: the run's learning rate (peak of the schedule).
-            weight_decay: AdamW's weight decay.
+            schedule: the run's optimiser settings (peak rate, weight decay, warm-up,
+                final rate).
             initial_state: the trainable tensors before fine-tuning, by name (``tfs``).
             progress: show a progress bar.
 
@@ -125,9 +124,10 @@ class FineTune(RetrainStrategy):
     description = "go on from the fine-tuned values at a small constant rate, lr x lr_ratio"
     defaults = {"lr_ratio": 0.01}
 
-    def retrain(self, model, *, teacher, loader, epochs, lr, weight_decay, initial_state, progress=True):
-        return train(model, loader, epochs=epochs, lr=lr * self.options["lr_ratio"], weight_decay=weight_decay,
-                     schedule="constant", desc="retrain (ft)", progress=progress)  # fmt: skip
+    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True):
+        return train(model, loader, epochs=epochs, lr=schedule.lr * self.options["lr_ratio"],
+                     weight_decay=schedule.weight_decay, schedule="constant", desc="retrain (ft)",
+                     progress=progress)  # fmt: skip
 
 
 @register_strategy
@@ -135,8 +135,8 @@ class CyclicSchedule(RetrainStrategy):
     name = "clr"
     description = "the whole warm-up + cosine schedule again, from the fine-tuned values"
 
-    def retrain(self, model, *, teacher, loader, epochs, lr, weight_decay, initial_state, progress=True):
-        return train(model, loader, epochs=epochs, lr=lr, weight_decay=weight_decay, desc="retrain (clr)",
+    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True):
+        return train(model, loader, epochs=epochs, **schedule.train_kwargs(), desc="retrain (clr)",
                      progress=progress)  # fmt: skip
 
 
@@ -161,9 +161,9 @@ class FromScratch(RetrainStrategy):
     name = "tfs"
     description = "PETL modules and head reset to their initial values, then the whole schedule"
 
-    def retrain(self, model, *, teacher, loader, epochs, lr, weight_decay, initial_state, progress=True):
+    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True):
         reinitialise(model, initial_state)
-        return train(model, loader, epochs=epochs, lr=lr, weight_decay=weight_decay, desc="retrain (tfs)",
+        return train(model, loader, epochs=epochs, **schedule.train_kwargs(), desc="retrain (tfs)",
                      progress=progress)  # fmt: skip
 
 
@@ -190,7 +190,7 @@ class Distill(RetrainStrategy):
     description = "the whole schedule, the unpruned model as a frozen teacher (soft logits at temperature T)"
     defaults = {"temperature": 2.0, "ce_weight": 0.0, "feature_weight": 0.0}
 
-    def retrain(self, model, *, teacher, loader, epochs, lr, weight_decay, initial_state, progress=True):
+    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True):
         if teacher is None:
             raise ConfigError("the distill strategy needs the unpruned fine-tuned model as its teacher")
         temperature, ce_weight = self.options["temperature"], self.options["ce_weight"]
@@ -220,7 +220,7 @@ class Distill(RetrainStrategy):
             return loss
 
         try:
-            return train(model, loader, epochs=epochs, lr=lr, weight_decay=weight_decay, objective=objective,
+            return train(model, loader, epochs=epochs, **schedule.train_kwargs(), objective=objective,
                          desc="retrain (distill)", progress=progress)  # fmt: skip
         finally:
             for hook in hooks:

@@ -8,7 +8,7 @@ A sweep file (YAML) lists tasks; each runs :func:`sls.pipeline.run` into
     defaults:                     # RunConfig fields shared by every task
       model: vit_base_patch16_224
       weights: ViT-B_16.npz
-      epochs: 100
+      recipe: vtab                # the paper's training recipe and per-task scales (sls.recipes)
     methods:                      # optional: every task runs once per method
       - {name: repadapter, petl: repadapter}
       - {name: convpass, petl: convpass}
@@ -19,7 +19,9 @@ A sweep file (YAML) lists tasks; each runs :func:`sls.pipeline.run` into
     #   - {name: my-set, data: /data/my-set, group: specialized}
 
 A task's settings are ``defaults``, then its method's, then its own, each replacing
-the previous (``petl_options`` and ``retrain_options`` are merged key by key). Its
+the previous (``petl_options`` and ``retrain_options`` are merged key by key). A
+``recipe`` (:mod:`sls.recipes`, e.g. ``recipe: vtab`` in ``defaults``) fills in what
+none of them sets, the per-task Convpass / RepAdapter scale included. Its
 name is its ``name`` (else the last part of its ``data``), plus ``-<method>`` with
 methods; its group is its ``group``, else the VTAB-1k group of its name
 (:func:`vtab_group`), else ``other``.
@@ -46,41 +48,12 @@ from sls.artifact import RECORD_FILE, read_record
 from sls.data import EMBEDDED_DATASETS
 from sls.errors import ConfigError, SLSError, TaskRecordError
 from sls.pipeline import RunConfig, changed_settings, run
-
-VTAB1K_GROUPS: dict[str, str] = {
-    **dict.fromkeys(("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
-                    "natural"),
-    **dict.fromkeys(("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"), "specialized"),
-    **dict.fromkeys(("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-                     "smallnorb_azi", "smallnorb_ele"), "structured"),
-}  # fmt: skip
-"""The 19 VTAB-1k tasks under their folder names in the common (NOAH) layout, by group."""
-
-GROUPS = ("natural", "specialized", "structured")
-
-_ALIASES = {
-    "cifar100": "cifar", "caltech": "caltech101", "flowers102": "oxford_flowers102", "flowers": "oxford_flowers102",
-    "oxford_pet": "oxford_iiit_pet", "pets": "oxford_iiit_pet", "sun": "sun397", "camelyon": "patch_camelyon",
-    "pcam": "patch_camelyon", "resisc": "resisc45", "retinopathy": "diabetic_retinopathy",
-    "kitti_dist": "kitti", "dsprites_location": "dsprites_loc", "dsprites_orientation": "dsprites_ori",
-    "smallnorb_azimuth": "smallnorb_azi", "smallnorb_elevation": "smallnorb_ele",
-    "clevr_counts": "clevr_count", "clevr_distance": "clevr_dist",
-}  # fmt: skip
+from sls.recipes import apply_recipe
+from sls.vtab import GROUPS, VTAB1K_GROUPS, vtab_group
 
 _TASK_KEYS = ("name", "group")
 _NOT_PER_TASK = ("out", "progress")  # the sweep sets them
 _TOP_KEYS = ("out", "data_root", "defaults", "methods", "tasks")
-
-
-def vtab_group(name: str) -> str | None:
-    """The VTAB-1k group (natural, specialized, structured) of a task name or folder, or None.
-
-    Case, ``-`` / ``_`` and a leading ``vtab-`` do not matter; common aliases
-    (``cifar100``, ``pets``, ``camelyon``, ``retinopathy``, ...) are known.
-    """
-    key = Path(str(name).rstrip("/")).name.lower().replace("-", "_")
-    key = key.removeprefix("vtab_")
-    return VTAB1K_GROUPS.get(_ALIASES.get(key, key))
 
 
 @dataclass(frozen=True)
@@ -243,6 +216,11 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, progress: boo
             data = str(settings["data"])
             if data_root is not None and data not in EMBEDDED_DATASETS and not Path(data).expanduser().is_absolute():
                 settings["data"] = str(data_root / data)
+            if settings.get("recipe"):
+                try:
+                    settings = apply_recipe(settings["recipe"], settings)
+                except ConfigError as err:
+                    raise ConfigError(f"{where}: {err}") from None
             config = RunConfig(**settings, out=str(sweep_out / name), progress=progress)
             config.validate()
             tasks.append(SweepTask(name=name, group=group, method=method, config=config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -16,6 +17,47 @@ from sls.errors import ConfigError
 from sls.runtime import active_runtime, model_device
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The optimiser settings of a run: AdamW at peak rate ``lr``, a linear warm-up over
+    ``warmup_epochs`` (None: a tenth of the epochs), then a cosine down to ``min_lr``
+    (None: ``lr / 100``)."""
+
+    lr: float
+    weight_decay: float = 1e-4
+    warmup_epochs: float | None = None
+    min_lr: float | None = None
+
+    def train_kwargs(self) -> dict:
+        """The keyword arguments of :func:`train` that this schedule sets."""
+        return dict(lr=self.lr, weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs, min_lr=self.min_lr)
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float | None = None,
+    min_lr: float | None = None,
+) -> CosineLRScheduler:
+    """timm's cosine schedule, stepped per update (``step_update(n)`` after update n),
+    from the optimiser's learning rate ``lr``: a linear warm-up from ``min_lr`` over
+    ``warmup_epochs`` (default: a tenth of ``epochs``), then a cosine down to ``min_lr``
+    (default: ``lr / 100``) at the last update."""
+    lr = optimizer.param_groups[0]["lr"]
+    floor = lr / 100 if min_lr is None else min_lr
+    warmup = 0.1 * epochs if warmup_epochs is None else warmup_epochs
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=epochs * steps_per_epoch,
+        lr_min=floor,
+        warmup_t=int(math.ceil(warmup * steps_per_epoch)),
+        warmup_lr_init=floor,
+        t_in_epochs=False,
+    )
+
+
 def train(
     model: nn.Module,
     loader: DataLoader,
@@ -23,8 +65,8 @@ def train(
     epochs: int,
     lr: float,
     weight_decay: float = 1e-4,
-    warmup_fraction: float = 0.1,
-    min_lr_ratio: float = 0.01,
+    warmup_epochs: float | None = None,
+    min_lr: float | None = None,
     schedule: str = "cosine",
     objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "train",
@@ -32,9 +74,10 @@ def train(
 ) -> list[float]:
     """Train the model's trainable parameters (PETL modules and head) with AdamW.
 
-    With ``schedule="cosine"`` the learning rate warms up linearly over the first
-    ``warmup_fraction`` of the updates, then follows a cosine down to
-    ``lr * min_lr_ratio`` (timm's scheduler, stepped per update); with
+    With ``schedule="cosine"`` the learning rate warms up linearly from ``min_lr`` over
+    the first ``warmup_epochs`` (default: a tenth of ``epochs``), then follows a cosine
+    down to ``min_lr`` (default: ``lr / 100``) at the last update (timm's scheduler,
+    stepped per update, so short runs get a whole schedule too); with
     ``schedule="constant"`` it stays at ``lr``. Frozen parameters stay untouched.
 
     Batches go to the model's device, with the active runtime's mixed precision and
@@ -57,6 +100,10 @@ def train(
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     if schedule not in ("cosine", "constant"):
         raise ConfigError(f"unknown learning-rate schedule {schedule!r}; choose cosine or constant")
+    if warmup_epochs is not None and not 0 <= warmup_epochs < epochs:
+        raise ConfigError(f"warm-up must last from 0 to fewer than the {epochs} epochs, got {warmup_epochs}")
+    if min_lr is not None and not 0 <= min_lr <= lr:
+        raise ConfigError(f"the final learning rate must be from 0 to lr = {lr:g}, got {min_lr:g}")
     if objective is not None and distributed.active():
         raise ConfigError("a custom training objective cannot run data-parallel; run it in one process")
     runtime, device = active_runtime(), model_device(model)
@@ -67,14 +114,8 @@ def train(
     total = epochs * len(loader)
     scheduler = None
     if schedule == "cosine":
-        scheduler = CosineLRScheduler(
-            optimizer,
-            t_initial=total,
-            lr_min=lr * min_lr_ratio,
-            warmup_t=int(math.ceil(warmup_fraction * total)),
-            warmup_lr_init=lr * min_lr_ratio,
-            t_in_epochs=False,
-        )
+        scheduler = cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=len(loader),
+                                    warmup_epochs=warmup_epochs, min_lr=min_lr)  # fmt: skip
     if objective is None:
         cross_entropy = nn.CrossEntropyLoss()
 

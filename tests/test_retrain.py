@@ -24,7 +24,7 @@ from sls.petl import create_petl
 from sls.pipeline import RunConfig, run, stage_finetune, stage_prune
 from sls.retrain import create_strategy, distillation_loss, list_strategies, search_depth
 from sls.select import select_depth
-from sls.train import accuracy
+from sls.train import Schedule, accuracy
 
 TINY = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200, test_samples=100,
                  analysis_samples=None, epochs=5, lr=3e-2, batch_size=16, throughput_batch=8, progress=False)  # fmt: skip
@@ -56,8 +56,8 @@ def _states(model):
 
 
 def _retrain(name, pruned, teacher, initial, loader, **options):
-    return create_strategy(name, **options).retrain(pruned, teacher=teacher, loader=loader, epochs=1, lr=1e-2,
-                                                    weight_decay=1e-4, initial_state=initial, progress=False)  # fmt: skip
+    return create_strategy(name, **options).retrain(pruned, teacher=teacher, loader=loader, epochs=1,
+                                                    schedule=Schedule(1e-2, 1e-4), initial_state=initial, progress=False)  # fmt: skip
 
 
 def test_the_four_strategies_are_registered():
@@ -121,7 +121,7 @@ def test_ft_uses_a_small_constant_rate_and_clr_the_whole_schedule(tuned, monkeyp
     for name in ("ft", "clr"):
         _RecordingAdamW.rates = []
         pruned = truncate(copy.deepcopy(teacher), 3)
-        create_strategy(name).retrain(pruned, teacher=None, loader=loader, epochs=3, lr=1e-2, weight_decay=0.0,
+        create_strategy(name).retrain(pruned, teacher=None, loader=loader, epochs=3, schedule=Schedule(1e-2, 0.0),
                                       initial_state=initial, progress=False)  # fmt: skip
         rates[name] = list(_RecordingAdamW.rates)
     assert len(rates["ft"]) == len(rates["clr"]) == 9  # the same budget: 3 epochs x 3 batches

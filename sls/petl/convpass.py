@@ -19,10 +19,11 @@ class ConvBypass(nn.Module):
     Prefix tokens (class and register tokens) have no neighbours: each is a 1x1 map
     for the same conv, so only the conv's centre tap (and its bias) acts on them.
 
-    Init: ``down`` xavier-uniform; the conv an identity centre tap (one of the two
-    inits in the authors' code), so it starts as a per-token pass-through and learns
-    its spatial mixing; zero biases; ``up`` zero, so the adapted model starts equal
-    to the backbone.
+    Init: ``down`` xavier-uniform; the conv, by ``conv_init``, an identity centre tap
+    (``"identity"``: it starts as a per-token pass-through and learns its spatial
+    mixing) or xavier-uniform (``"xavier"``), the two inits of the authors' code, which
+    picks one per VTAB-1k task; zero biases; ``up`` zero, so the adapted model starts
+    equal to the backbone.
 
     Args:
         dim: token width.
@@ -31,6 +32,7 @@ class ConvBypass(nn.Module):
         num_prefix_tokens: tokens before the patch tokens.
         scale: output factor s.
         dropout: dropout before ``up``.
+        conv_init: ``"identity"`` or ``"xavier"``.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class ConvBypass(nn.Module):
         num_prefix_tokens: int,
         scale: float,
         dropout: float,
+        conv_init: str = "identity",
     ) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
@@ -53,9 +56,14 @@ class ConvBypass(nn.Module):
         self.scale = scale
         nn.init.xavier_uniform_(self.down.weight)
         nn.init.zeros_(self.down.bias)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[:, :, 1, 1] = torch.eye(bottleneck)
+        if conv_init == "xavier":
+            nn.init.xavier_uniform_(self.conv.weight)
+        elif conv_init == "identity":
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.weight[:, :, 1, 1] = torch.eye(bottleneck)
+        else:
+            raise ConfigError(f"convpass conv_init must be 'identity' or 'xavier', got {conv_init!r}")
         nn.init.zeros_(self.conv.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
@@ -115,12 +123,17 @@ class Convpass(PETLMethod):
     support them).
 
     Hyper-parameters: ``bottleneck`` (hidden width), ``scale`` (output factor s),
-    ``dropout``.
+    ``dropout``, ``conv_init`` (``identity`` or ``xavier``, see :class:`ConvBypass`).
     """
 
     name = "convpass"
-    defaults = {"bottleneck": 8, "scale": 1.0, "dropout": 0.1}
+    defaults = {"bottleneck": 8, "scale": 1.0, "dropout": 0.1, "conv_init": "identity"}
     param_markers = (".convpass.",)
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        if self.hparams["conv_init"] not in ("identity", "xavier"):
+            raise ConfigError(f"convpass conv_init must be 'identity' or 'xavier', got {self.hparams['conv_init']!r}")
 
     def insert(self, model: nn.Module) -> None:
         if not vit.is_vit(model):
@@ -135,6 +148,7 @@ class Convpass(PETLMethod):
             num_prefix_tokens=model.num_prefix_tokens,
             scale=self.hparams["scale"],
             dropout=self.hparams["dropout"],
+            conv_init=self.hparams["conv_init"],
         )
         for block in all_blocks(model):
             dim = block.norm1.normalized_shape[0]
