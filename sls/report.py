@@ -169,8 +169,14 @@ def summary_rows(record: dict) -> list[tuple[str, str, str]]:
     n_blocks = record["backbone"]["num_blocks"]
     depth = record["depth"]
     speedup = res["throughput"]["pruned"] / res["throughput"]["full"]
+    if record.get("config", {}).get("depth") is not None:
+        chosen = f"given; SLS chose {record['selected_depth']}" if "selected_depth" in record else "given"
+    elif "budget_search" in record:
+        chosen = f"--max-drop; SLS chose {record['budget_search']['start_depth']}"
+    else:
+        chosen = f"k, alpha={record['alpha']:g}"
     rows = [
-        ("blocks", str(n_blocks), f"{depth}  (k, alpha={record['alpha']:g})"),
+        ("blocks", str(n_blocks), f"{depth}  ({chosen})"),
         ("parameters", f"{res['parameters']['full'] / 1e6:.2f} M", f"{res['parameters']['pruned'] / 1e6:.2f} M"),
         ("test accuracy", f"{100 * res['accuracy']['full']:.1f}%", f"{100 * res['accuracy']['pruned_no_retrain']:.1f}% before retraining"),
     ]

@@ -181,3 +181,23 @@ def test_the_cli_refuses_a_recipe_task_without_a_scale_in_one_line(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("sls: error: recipe vtab sets the repadapter scale") and "\n" not in err
     assert not out.exists()
+
+
+def test_a_vtab_task_runs_end_to_end_under_the_recipe(tmp_path):
+    from test_data_files import make_vtab
+
+    data = make_vtab(tmp_path / "vtab-1k" / "dtd", n_train=100, n_val=20, n_test=20)
+    out = tmp_path / "task"
+    # The recipe, shortened for a CPU: two epochs each, one of warm-up, a tiny model at 32 px.
+    argv = ["run", "--recipe", "vtab", "--model", "test_vit", "--weights", "random", "--data", str(data),
+            "--petl", "convpass", "--img-size", "32", "--epochs", "2", "--retrain-epochs", "2",
+            "--warmup-epochs", "1", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((out / "record.json").read_text())
+    config = record["config"]
+    assert config["recipe"] == "vtab" and (config["epochs"], config["img_size"]) == (2, 32)
+    assert (config["lr"], config["min_lr"], config["drop_path"], config["seed"]) == (1e-3, 1e-5, 0.1, 42)
+    assert (config["batch_size"], config["throughput_batch"], config["normalize"]) == (64, 1, "imagenet")
+    assert record["petl"]["hparams"] == {"bottleneck": 8, "scale": 0.01, "dropout": 0.1, "conv_init": "xavier"}
+    assert record["data"]["analysed_train_samples"] == 120  # all of train800val200
+    assert tuple(record["backbone"]["mean"]) == IMAGENET_DEFAULT_MEAN

@@ -195,6 +195,10 @@ METHOD_PARAMS = {
         f"{branch}.convpass.{layer}.{kind}"
         for branch in ("attn", "mlp") for layer in ("down", "conv", "up") for kind in ("weight", "bias")
     ],  # fmt: skip
+    "swin-convpass": [  # a Swin block holds both bypasses itself (SwinBlockWithConvpass)
+        f"convpass.{branch}.{layer}.{kind}"
+        for branch in ("attn", "mlp") for layer in ("down", "conv", "up") for kind in ("weight", "bias")
+    ],  # fmt: skip
 }
 # Truncation depth per backbone: for Swin, the end of stage 1, so norm and head are new.
 CUT = {"vit": 2, "swin": 4}
@@ -208,19 +212,14 @@ def block_names(backbone: str, count: int) -> list[str]:
 
 def expected_trainable(backbone: str, method: str, count: int) -> set[str]:
     head = {"vit": {"head.weight", "head.bias"}, "swin": {"head.fc.weight", "head.fc.bias"}}[backbone]
-    return head | {f"{block}.{param}" for block in block_names(backbone, count) for param in METHOD_PARAMS[method]}
+    params = METHOD_PARAMS.get(f"{backbone}-{method}", METHOD_PARAMS[method])
+    return head | {f"{block}.{param}" for block in block_names(backbone, count) for param in params}
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "repadapter", "convpass"])
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_backbone_and_petl_method(tmp_path, backbone, method):
     model, info = BACKBONES[backbone](num_classes=4)
-    if backbone == "swin" and method == "convpass":
-        before = [(n, type(m)) for n, m in model.named_modules()]
-        with pytest.raises(ConfigError, match="convpass supports ViT backbones; SwinTransformer"):
-            create_petl(method).apply(model)
-        assert [(n, type(m)) for n, m in model.named_modules()] == before  # refused before any change
-        return
     plain = copy.deepcopy(model)
     petl = create_petl(method)
     petl.apply(model)
@@ -257,6 +256,41 @@ def test_backbone_and_petl_method(tmp_path, backbone, method):
         torch.testing.assert_close(loaded(images), expected, rtol=0, atol=0)
         if method == "repadapter":  # folds into qkv / fc1, windows and padding included
             assert (petl.merge(loaded)(images) - expected).abs().max() <= 1e-5
+
+
+def swin_bypass_by_hand(bypass: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Convpass's formula on an NHWC grid, with torch.nn.functional.conv2d over the whole grid."""
+    act = lambda t: t * torch.sigmoid(1.702 * t)  # noqa: E731  QuickGELU
+    hidden = act(tokens @ bypass.down.weight.T + bypass.down.bias).permute(0, 3, 1, 2)
+    hidden = act(torch.nn.functional.conv2d(hidden, bypass.conv.weight, bypass.conv.bias, padding=1))
+    return (hidden.permute(0, 2, 3, 1) @ bypass.up.weight.T + bypass.up.bias) * bypass.scale
+
+
+def test_swin_convpass_convolves_the_whole_grid_across_shifted_windows():
+    model, _ = tiny_swin()
+    create_petl("convpass", scale=0.5).apply(model).eval()
+    perturb(model)
+    block = model.layers[0].blocks[1]  # 10x10 grid, windows of 2, shifted by 1
+    assert block.shift_size == (1, 1) and block.window_size == (2, 2)
+    x = torch.randn(2, 10, 10, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        # Silence attention and MLP: the block is then x + its attention-side bypass,
+        # plus the MLP-side bypass of that sum.
+        for linear in (block.attn.proj, block.mlp.fc2):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        middle = x + swin_bypass_by_hand(block.convpass["attn"], block.norm1(x))
+        expected = middle + swin_bypass_by_hand(block.convpass["mlp"], block.norm2(middle))
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+        # One input token moves only its 3x3 neighbourhood of the grid at the first
+        # bypass, across window borders and the shift's wrap-around alike.
+        block.convpass["mlp"].up.weight.zero_()
+        block.convpass["mlp"].up.bias.zero_()
+        moved = x.clone()
+        moved[:, 0, 4] += 1.0  # row 0: wraps around under the shift; column 4: a window border
+        changed = (block(moved) - block(x)).abs().amax(dim=(0, 3)) > 0
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    assert set(rows.tolist()) == {0, 1} and set(cols.tolist()) == {3, 4, 5}
 
 
 def test_repadapter_merges_exactly_on_swin_windows_with_padding():

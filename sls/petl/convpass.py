@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import QuickGELU
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
-from sls.backbones import all_blocks, vit
+from sls.backbones import all_blocks, swin, vit
 from sls.errors import ConfigError
 from sls.petl import PETLMethod, register_petl
 
@@ -28,7 +29,8 @@ class ConvBypass(nn.Module):
     Args:
         dim: token width.
         bottleneck: hidden width (the conv's channels).
-        grid_size: the patch-token grid (rows, columns), from the patch embedding.
+        grid_size: the patch-token grid (rows, columns), from the patch embedding, or
+            None when every call gives its own.
         num_prefix_tokens: tokens before the patch tokens.
         scale: output factor s.
         dropout: dropout before ``up``.
@@ -39,7 +41,7 @@ class ConvBypass(nn.Module):
         self,
         dim: int,
         bottleneck: int,
-        grid_size: tuple[int, int],
+        grid_size: tuple[int, int] | None,
         num_prefix_tokens: int,
         scale: float,
         dropout: float,
@@ -51,7 +53,7 @@ class ConvBypass(nn.Module):
         self.conv = nn.Conv2d(bottleneck, bottleneck, kernel_size=3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(bottleneck, dim)
-        self.grid_size = tuple(int(side) for side in grid_size)
+        self.grid_size = None if grid_size is None else tuple(int(side) for side in grid_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.scale = scale
         nn.init.xavier_uniform_(self.down.weight)
@@ -68,9 +70,11 @@ class ConvBypass(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``x``: (B, tokens, dim), prefix tokens first, then the grid in raster order;
+        ``grid_size`` replaces the one given at construction (Swin: each call's H, W)."""
         batch, tokens, _ = x.shape
-        rows, cols = self.grid_size
+        rows, cols = self.grid_size if grid_size is None else grid_size
         # The prefix count follows from the token count; it must be the model's.
         prefix = tokens - rows * cols
         if prefix != self.num_prefix_tokens:
@@ -107,20 +111,41 @@ class WithConvBypass(nn.Module):
         return self.branch(x, **kwargs) + self.convpass(x)
 
 
+class SwinBlockWithConvpass(SwinTransformerBlock):
+    """timm's Swin (v1) block with a :class:`ConvBypass` beside attention and one beside
+    the MLP, in ``self.convpass["attn"]`` / ``["mlp"]``.
+
+    Each bypass reads the block's normalised (B, H, W, C) tokens *before* the cyclic
+    shift, padding and window partition, so its 3x3 conv mixes true grid neighbours
+    across window borders; its output is added to the branch's, and drop-path drops
+    the sum (as in the SLS authors' Swin code, which adds the bypass beside the
+    un-windowed tokens the same way). The forward is timm's, with the two additions;
+    with the bypasses zero it is exactly timm's (tested). :meth:`Convpass.insert` sets
+    an existing block's class to this one; the block's own modules stay.
+    """
+
+    convpass: nn.ModuleDict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, rows, cols, dim = x.shape
+        hidden = self.norm1(x)
+        bypass = self.convpass["attn"](hidden.reshape(batch, -1, dim), (rows, cols)).reshape(hidden.shape)
+        x = x + self.drop_path1(self._attn(hidden) + bypass)
+        x = x.reshape(batch, -1, dim)
+        hidden = self.norm2(x)
+        x = x + self.drop_path2(self.mlp(hidden) + self.convpass["mlp"](hidden, (rows, cols)))
+        return x.reshape(batch, rows, cols, dim)
+
+
 @register_petl
 class Convpass(PETLMethod):
     """Two convolutional bypasses per block: beside attention and beside the MLP.
 
-    Works for any token width and patch grid; the grid is the patch embedding's
-    ``grid_size``, so inputs must have the size the model was created with.
-
-    ViT backbones only. A Swin block hands its attention the tokens cyclically
-    shifted, padded and cut into windows, so a 3x3 conv there would mix tokens across
-    window seams and across the shift's wrap-around instead of grid neighbours; a
-    faithful bypass would have to undo timm's private window layout on every call,
-    and the Convpass authors published no Swin variant to follow. Swin models are
-    refused with a :class:`~sls.errors.ConfigError` (lora, adapter and repadapter
-    support them).
+    Works for any token width and patch grid. ViT: each bypass sits beside the branch
+    (:class:`WithConvBypass`) on the patch embedding's ``grid_size``, so inputs must
+    have the size the model was created with. Swin (v1): each block becomes a
+    :class:`SwinBlockWithConvpass`, whose bypasses see the stage's (H, W) token grid
+    before the shifted windows. Other families are refused.
 
     Hyper-parameters: ``bottleneck`` (hidden width), ``scale`` (output factor s),
     ``dropout``, ``conv_init`` (``identity`` or ``xavier``, see :class:`ConvBypass`).
@@ -136,20 +161,27 @@ class Convpass(PETLMethod):
             raise ConfigError(f"convpass conv_init must be 'identity' or 'xavier', got {self.hparams['conv_init']!r}")
 
     def insert(self, model: nn.Module) -> None:
-        if not vit.is_vit(model):
-            raise ConfigError(
-                f"convpass supports ViT backbones; {type(model).__name__} tokens are not one patch grid "
-                "per image at its attention (Swin attends within shifted windows): use lora, adapter or "
-                "repadapter"
-            )
         options = dict(
             bottleneck=self.hparams["bottleneck"],
-            grid_size=model.patch_embed.grid_size,
-            num_prefix_tokens=model.num_prefix_tokens,
             scale=self.hparams["scale"],
             dropout=self.hparams["dropout"],
             conv_init=self.hparams["conv_init"],
         )
+        if swin.is_swin(model):
+            blocks = all_blocks(model)
+            odd = sorted({type(block).__name__ for block in blocks if type(block) is not SwinTransformerBlock})
+            if odd:
+                raise ConfigError(f"convpass knows timm's SwinTransformerBlock, not {', '.join(odd)}")
+            for block in blocks:
+                dim = block.norm1.normalized_shape[0]
+                block.convpass = nn.ModuleDict(
+                    {key: ConvBypass(dim, grid_size=None, num_prefix_tokens=0, **options) for key in ("attn", "mlp")}
+                )
+                block.__class__ = SwinBlockWithConvpass
+            return
+        if not vit.is_vit(model):
+            raise ConfigError(f"convpass supports ViT and Swin backbones, not {type(model).__name__}")
+        options.update(grid_size=model.patch_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens)
         for block in all_blocks(model):
             dim = block.norm1.normalized_shape[0]
             block.attn = WithConvBypass(block.attn, ConvBypass(dim, **options))
