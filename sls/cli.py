@@ -374,7 +374,7 @@ def _export(args: argparse.Namespace) -> int:
 
     model, record = load_task(args.task, weights=args.weights)
     path = Path(args.out) if args.out else Path(args.task) / "export" / f"model{EXPORT_SUFFIXES[args.format]}"
-    export_model(deployable_model(model), path, args.format)
+    export_model(deployable_model(model), path, args.format, model_kwargs=record["backbone"].get("model_kwargs"))
     print(f"{path}: {args.format}, {record['depth']} of {record['backbone']['num_blocks']} blocks, "
           f"{_size(path.stat().st_size)}; input {record['backbone']['img_size']} px normalised with "
           f"mean {tuple(record['backbone']['mean'])}, std {tuple(record['backbone']['std'])}")

@@ -5,9 +5,11 @@ is a plain timm ViT again (other PETL modules stay, as modules); :func:`deployab
 also folds RepAdapter away. :func:`export_model` writes that model in one of three formats:
 
 - ``safetensors``: the full state dict plus a JSON metadata string (``timm_name``,
-  ``depth``, ``num_classes``, ``img_size``, and the PETL modules left in it). With
-  none left and the backbone's own widths, it loads into
-  ``timm.create_model(timm_name, depth=depth, num_classes=num_classes, img_size=img_size)``.
+  ``timm_kwargs``, ``depth``, ``num_classes``, ``img_size``, and the PETL modules left
+  in it). With none left, it loads into ``timm.create_model(timm_name, **timm_kwargs)``:
+  the kwargs are the run's ``model_kwargs`` plus the kept depth (ViT: ``depth``; Swin:
+  ``depths`` and ``num_heads`` of the kept stages, the final norm and head at the kept
+  width), ``num_classes`` and ``img_size``.
 - ``torchscript``: ``torch.jit.trace`` of the model on one image of the model's size.
 - ``onnx``: opset 17, the batch axis dynamic, checked to load in onnxruntime when that
   is installed.
@@ -26,13 +28,14 @@ import torch
 from torch import nn
 
 from sls._io import atomic_write
+from sls.backbones import num_blocks, swin, vit
 from sls.errors import ConfigError
 from sls.petl import PETLMethod, create_petl, list_petl
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 METADATA_KEY = "sls_export"
 """Key of the JSON metadata string in an exported ``.safetensors`` file's header."""
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
 ONNX_OPSET = 17
 
 
@@ -101,18 +104,38 @@ def _petl_left(model: nn.Module) -> list[str]:
     return [method for method in list_petl() if any(create_petl(method).is_petl_param(n) for n in names)]
 
 
-def export_metadata(model: nn.Module, img_size: tuple[int, int]) -> dict:
-    """What a reader needs to rebuild ``model`` (a merged timm ViT) from its state dict."""
+def _attention_heads(block: nn.Module) -> int:
+    """Heads of a Swin block's window attention (wrapped by a PETL module or not)."""
+    from timm.models.swin_transformer import WindowAttention
+
+    return next(m for m in block.modules() if isinstance(m, WindowAttention)).num_heads
+
+
+def export_metadata(model: nn.Module, img_size: tuple[int, int], model_kwargs: dict | None = None) -> dict:
+    """What a reader needs to rebuild ``model`` (a merged, truncated timm ViT or Swin)
+    from its state dict; ``model_kwargs``: the extra ``timm.create_model`` arguments it
+    was built with (the record's ``backbone.model_kwargs``)."""
     timm_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if timm_name is None:
         raise ConfigError(f"{type(model).__name__} is not a timm model (no pretrained_cfg architecture)")
     height, width = img_size
+    side = height if height == width else [height, width]
+    kwargs = dict(model_kwargs or {})
+    if swin.is_swin(model):
+        kwargs["depths"] = [len(stage.blocks) for stage in model.layers]
+        kwargs["num_heads"] = [_attention_heads(stage.blocks[0]) for stage in model.layers]
+    elif vit.is_vit(model):
+        kwargs["depth"] = len(model.blocks)
+    else:
+        raise ConfigError(f"sls exports timm ViT and Swin models, not {type(model).__name__}")
+    kwargs.update(num_classes=int(model.num_classes), img_size=side)
     return {
         "format": EXPORT_FORMAT_VERSION,
         "timm_name": timm_name,
-        "depth": len(model.blocks),
+        "timm_kwargs": kwargs,
+        "depth": num_blocks(model),
         "num_classes": int(model.num_classes),
-        "img_size": height if height == width else [height, width],
+        "img_size": side,
         "petl": _petl_left(model),
     }
 
@@ -167,15 +190,24 @@ def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: d
 _WRITERS = {"safetensors": _write_safetensors, "torchscript": _write_torchscript, "onnx": _write_onnx}
 
 
-def export_model(model: nn.Module, path: str | Path, format: str, *, img_size: int | None = None) -> Path:
+def export_model(
+    model: nn.Module,
+    path: str | Path,
+    format: str,
+    *,
+    img_size: int | None = None,
+    model_kwargs: dict | None = None,
+) -> Path:
     """Write ``model`` with LoRA folded in as a standalone file, atomically.
 
     Args:
-        model: a task's model (a truncated timm ViT with PETL modules, as
+        model: a task's model (a truncated timm ViT or Swin with PETL modules, as
             :func:`sls.artifact.load_task` returns it); left untouched.
         path: the file to write.
         format: ``"safetensors"``, ``"torchscript"`` or ``"onnx"``.
         img_size: input side in pixels; default: the model's patch embedding size.
+        model_kwargs: the extra ``timm.create_model`` arguments the backbone was built
+            with, stored in the safetensors metadata to rebuild it.
 
     Returns:
         ``path``.
@@ -188,7 +220,7 @@ def export_model(model: nn.Module, path: str | Path, format: str, *, img_size: i
         raise ConfigError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
     merged = merge_for_inference(model)
     side = _image_side(merged, img_size)
-    metadata = export_metadata(merged, side)
+    metadata = export_metadata(merged, side, model_kwargs)
     device = next(merged.parameters()).device
     # Values only matter for data-dependent branches, of which a ViT has none.
     example = torch.randn(1, 3, *side, generator=torch.Generator().manual_seed(0)).to(device)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.spatial.distance import cdist
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def blob_features(separations, n_per_class=40, n_classes=3, dim=16, seed=0):
@@ -26,3 +28,15 @@ def silhouette_by_hand(points, labels):
         b = min(dist[i, labels == other].mean() for other in np.unique(labels) if other != label)
         values.append((b - a) / max(a, b))
     return float(np.mean(values))
+
+
+def images_for(model: torch.nn.Module, n: int = 9) -> torch.Tensor:
+    """``n`` seeded random images of the model's input size."""
+    height, width = model.patch_embed.img_size
+    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(0))
+
+
+def loader_of(images: torch.Tensor, batch_size: int = 4) -> DataLoader:
+    """The images in order, labelled 0, 1, 2, 0, ..."""
+    labels = torch.arange(len(images)) % 3
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)

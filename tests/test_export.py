@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from sls.backbones import create_backbone, truncate
 from sls.errors import ConfigError
-from sls.export import export_model, merge_for_inference, predict, read_export_metadata
+from sls.export import deployable_model, export_model, merge_for_inference, predict, read_export_metadata
 from sls.petl import create_petl
 
 DEPTH, NUM_CLASSES = 3, 4
@@ -89,17 +89,46 @@ def test_safetensors_export_loads_into_a_plain_timm_model(tmp_path, images):
     path = export_model(model, tmp_path / "model.safetensors", "safetensors")
     metadata = read_export_metadata(path)
     assert metadata == {
-        "format": 1, "timm_name": "test_vit", "depth": DEPTH, "num_classes": NUM_CLASSES, "img_size": 32, "petl": [],
+        "format": 2, "timm_name": "test_vit", "depth": DEPTH, "num_classes": NUM_CLASSES, "img_size": 32, "petl": [],
+        "timm_kwargs": {"depth": DEPTH, "num_classes": NUM_CLASSES, "img_size": 32},
     }  # fmt: skip
-    plain = timm.create_model(
-        metadata["timm_name"],
-        depth=metadata["depth"],
-        num_classes=metadata["num_classes"],
-        img_size=metadata["img_size"],
-    )
+    plain = timm.create_model(metadata["timm_name"], **metadata["timm_kwargs"])
     plain.load_state_dict(load_file(str(path)), strict=True)
     plain.eval()
     torch.testing.assert_close(reference(plain, images), reference(model, images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [3, 4, 6])  # inside stage 2, its end (narrower head), the full model
+def test_a_pruned_swin_exports_and_rebuilds_from_timm_alone(tmp_path, depth):
+    from helpers import images_for
+    from test_swin import SWIN_KWARGS, perturb, tiny_swin
+
+    model, _ = tiny_swin(num_classes=NUM_CLASSES)
+    create_petl("repadapter").apply(model)
+    truncate(model, depth)
+    perturb(model)
+    model.eval()
+    x = images_for(model, n=3)
+    path = export_model(deployable_model(model), tmp_path / "swin.safetensors", "safetensors", model_kwargs=SWIN_KWARGS)
+    metadata = read_export_metadata(path)
+    assert metadata["petl"] == [] and metadata["depth"] == depth  # RepAdapter folded away
+    plain = timm.create_model(metadata["timm_name"], **metadata["timm_kwargs"])
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    torch.testing.assert_close(reference(plain.eval(), x), reference(model, x), rtol=0, atol=1e-4)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        onnx_path = export_model(model, tmp_path / "swin.onnx", "onnx")
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(None, {"images": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), reference(model, x), rtol=0, atol=1e-4)
+
+
+def test_exporting_a_model_of_another_family_is_refused(tmp_path):
+    model = timm.create_model("resnet18", num_classes=2)
+    with pytest.raises(ConfigError, match="sls exports timm ViT and Swin models, not ResNet"):
+        export_model(model, tmp_path / "r.safetensors", "safetensors", img_size=32)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_safetensors_export_of_an_adapter_model_says_so(tmp_path):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import images_for, loader_of
 
 from sls.artifact import load_task, save_task
 from sls.backbones import all_blocks, block_features, create_backbone, num_blocks, truncate
@@ -40,16 +41,6 @@ def tiny_vit(num_classes: int = 3) -> tuple[torch.nn.Module, object]:
 
 
 BACKBONES = {"vit": tiny_vit, "swin": tiny_swin}
-
-
-def images_for(model: torch.nn.Module, n: int = 9) -> torch.Tensor:
-    height, width = model.patch_embed.img_size
-    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(0))
-
-
-def loader_of(images: torch.Tensor) -> DataLoader:
-    labels = torch.arange(len(images)) % 3
-    return DataLoader(TensorDataset(images, labels), batch_size=4, shuffle=False)
 
 
 def perturb(model: torch.nn.Module, seed: int = 1) -> None:

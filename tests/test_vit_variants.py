@@ -11,7 +11,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import images_for, loader_of
 
 from sls.artifact import load_task, save_task
 from sls.backbones import block_features, create_backbone, fingerprint, num_blocks, truncate
@@ -40,16 +41,6 @@ def variant(name: str, num_classes: int = 3) -> tuple[torch.nn.Module, object]:
     model, info = create_backbone(timm_name, num_classes=num_classes, weights="random", img_size=side,
                                   model_kwargs=kwargs)  # fmt: skip
     return model.eval(), info
-
-
-def images_for(model: torch.nn.Module, n: int = 12) -> torch.Tensor:
-    height, width = model.patch_embed.img_size
-    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(0))
-
-
-def loader_of(images: torch.Tensor) -> DataLoader:
-    labels = torch.arange(len(images)) % 3
-    return DataLoader(TensorDataset(images, labels), batch_size=5, shuffle=False)
 
 
 def tokens_after(model: torch.nn.Module, images: torch.Tensor, depth: int) -> torch.Tensor:
@@ -93,8 +84,8 @@ def test_variants_have_the_expected_layout():
 @pytest.mark.parametrize("name", VARIANTS)
 def test_block_features_equal_a_manual_forward(name):
     model, _ = variant(name)
-    images = images_for(model)
-    features, labels, block_input = block_features(model, loader_of(images), progress=False)
+    images = images_for(model, n=12)
+    features, labels, block_input = block_features(model, loader_of(images, batch_size=5), progress=False)
     assert len(features) == 3
     np.testing.assert_array_equal(labels, np.arange(12) % 3)
     with torch.no_grad():
@@ -109,13 +100,13 @@ def test_block_features_equal_a_manual_forward(name):
 def test_truncation_at_every_depth(name):
     model, _ = variant(name)
     images = images_for(model, n=6)
-    full_features, _, _ = block_features(model, loader_of(images), progress=False)
+    full_features, _, _ = block_features(model, loader_of(images, batch_size=5), progress=False)
     per_block = parameter_count(model.blocks[0])
     for depth in (1, 2, 3):
         pruned = truncate(copy.deepcopy(model), depth)
         assert num_blocks(pruned) == depth
         assert parameter_count(model) - parameter_count(pruned) == (3 - depth) * per_block
-        kept, _, _ = block_features(pruned, loader_of(images), progress=False)
+        kept, _, _ = block_features(pruned, loader_of(images, batch_size=5), progress=False)
         for got, full in zip(kept, full_features[:depth]):
             np.testing.assert_array_equal(got, full)
         with torch.no_grad():
