@@ -103,6 +103,8 @@ class DepthSelector:
         random_state: seed of the first run of a stochastic criterion.
         n_seeds: runs of a stochastic criterion, with seeds ``random_state``,
             ``random_state + 1``, ...; k is the most frequent per-seed k (ties: the larger).
+            For ``sls`` the first run is the paper's exact t-SNE and the others start
+            from its PCA layout jittered by their seed (see :mod:`sls.criteria.silhouette`).
         n_jobs: worker processes for scoring blocks (default: one per core).
         progress: show a progress bar.
 
@@ -169,11 +171,15 @@ class DepthSelector:
             raise ConfigError(f"n_seeds must be >= 1, got {self.n_seeds}")
         criterion = self._make_criterion()
         seeds = [self.random_state + i for i in range(self.n_seeds if criterion.stochastic else 1)]
+        # A criterion whose score takes ``run`` learns which run this is (sls: the
+        # first is the paper's exact t-SNE, the others jitter its start).
+        takes_run = "run" in inspect.signature(criterion.score).parameters
         runs, self.embeddings_ = [], None
         try:
-            for seed in seeds:
-                runs.append(np.asarray(criterion.score(features, labels, block_input=block_input, random_state=seed),
-                                       dtype=np.float64))  # fmt: skip
+            for run, seed in enumerate(seeds):
+                extra = {"run": run} if takes_run else {}
+                scores = criterion.score(features, labels, block_input=block_input, random_state=seed, **extra)
+                runs.append(np.asarray(scores, dtype=np.float64))
                 if self.embeddings_ is None:
                     self.embeddings_ = getattr(criterion, "embeddings_", None)
         finally:

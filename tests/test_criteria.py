@@ -123,6 +123,24 @@ def test_several_seeds_report_spread_and_the_most_frequent_k():
     np.testing.assert_array_equal(single.scores_per_seed_[0], selector.scores_per_seed_[0])
 
 
+def test_the_jittered_start_is_sklearns_pca_start_plus_seeded_noise():
+    # scale=0 must reproduce scikit-learn's own init="pca" start: the same embedding.
+    from sklearn.manifold import TSNE
+
+    from sls.criteria.silhouette import jittered_pca_layout
+
+    features, _ = blob_features([1.0])
+    x = features[0].astype(np.float32)
+    options = dict(n_components=2, perplexity=30.0, random_state=0, method="barnes_hut", n_jobs=1)
+    np.testing.assert_allclose(TSNE(init=jittered_pca_layout(x, 0, scale=0.0), **options).fit_transform(x),
+                               TSNE(init="pca", **options).fit_transform(x), atol=1e-4)  # fmt: skip
+    one, again, other = (jittered_pca_layout(x, seed) for seed in (1, 1, 2))
+    np.testing.assert_array_equal(one, again)
+    assert not np.array_equal(one, other)
+    noise = one - jittered_pca_layout(x, 1, scale=0.0)
+    assert 0.5e-6 < noise.std() < 2e-6  # 1% of the start's 1e-4 spread
+
+
 def test_deterministic_criteria_run_once_whatever_the_seeds():
     features, labels = blob_features([0.0, 1.0])
     selector = DepthSelector(criterion="silhouette", n_seeds=4).fit(features, labels)
@@ -163,3 +181,43 @@ def test_feature_cache_hit_runs_no_forward_pass(tmp_path, monkeypatch):
         model.blocks[0].norm1.bias.add_(0.1)
     with pytest.raises(AssertionError, match="must not run"):
         sls.features.cached_block_features(model, loader, key_parts=parts, cache=tmp_path)
+
+
+def test_tsne_workers_cap_their_native_threads(monkeypatch):
+    # Workers x inherited OMP threads oversubscribe the cores (t-SNE ran ~10x slower).
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from sls.criteria import silhouette
+
+    seen = []
+
+    def record(features, labels, **options):
+        seen.append({pool["user_api"]: pool["num_threads"] for pool in threadpool_info()})
+        return 0.0, features
+
+    monkeypatch.setattr(silhouette, "tsne_silhouette_block", record)
+    with threadpool_limits(limits=3):  # what the worker inherits
+        for threads in (1, 2):
+            silhouette._block_in_worker(np.zeros((4, 2)), np.zeros(4), threads)
+        inherited = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
+    assert seen[0] and set(seen[0].values()) == {1} and set(seen[1].values()) == {2}
+    assert set(inherited.values()) == {3}  # restored afterwards
+
+
+def test_scoring_in_this_process_keeps_the_callers_thread_limits(monkeypatch):
+    # n_jobs=1 runs here: raising OpenMP's threads would hang a forked caller (DDP tests).
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from sls.criteria import silhouette
+
+    seen = []
+
+    def record(features, labels, **options):
+        seen.append({pool["num_threads"] for pool in threadpool_info()})
+        return 0.0, features
+
+    monkeypatch.setattr(silhouette, "tsne_silhouette_block", record)
+    features, labels = blob_features([0.0, 1.0])
+    with threadpool_limits(limits=1):
+        silhouette.TSNESilhouette(n_jobs=1).score(features, labels)
+    assert seen == [{1}, {1}]

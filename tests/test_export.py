@@ -51,6 +51,9 @@ def test_merging_lora_keeps_the_outputs_and_leaves_a_plain_vit(images):
     torch.testing.assert_close(reference(merged, images), reference(model, images), rtol=0, atol=1e-5)
     assert all(type(block.attn.qkv) is torch.nn.Linear for block in merged.blocks)
     assert not any("lora_" in name for name, _ in merged.named_parameters())
+    plain, _ = create_backbone("test_vit", num_classes=NUM_CLASSES, weights="random", img_size=32)
+    truncate(plain, DEPTH)
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     assert not merged.training
     # The input model keeps its LoRA layers.
     assert sum("lora_" in name for name, _ in model.named_parameters()) == 2 * DEPTH

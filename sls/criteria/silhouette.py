@@ -5,6 +5,13 @@ initialisation, perplexity 30 and ``random_state=0``; each axis of the embedding
 min-max scaled to [0, 1]; the silhouette (Euclidean) of that embedding with the true
 labels as clusters. Every t-SNE argument is passed explicitly so the scores do not
 move when a library changes a default.
+
+Seeds. With PCA initialisation, current scikit-learn's t-SNE is deterministic: the PCA
+is solved exactly and the Barnes-Hut descent draws nothing, so ``random_state`` alone
+changes nothing. To measure how t-SNE's sensitivity to its start moves the scores (and
+k), the further runs of ``--seeds N`` (``jitter=True``) start from the same PCA layout
+with Gaussian jitter of 1% of its first axis' spread, drawn from their seed: the scheme
+openTSNE's PCA initialisation always applies. The first run is the paper's exact call.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ def tsne_embedding(
     perplexity: float = 30.0,
     random_state: int = 0,
     pca_dims: int | None = None,
+    jitter: bool = False,
 ) -> np.ndarray:
     """2-D t-SNE of ``features`` (n, d), each axis min-max scaled to [0, 1].
 
     ``pca_dims`` first projects the features on their top principal components
     (deterministic full SVD), which speeds up the neighbour search on wide features.
+    ``jitter`` starts scikit-learn's t-SNE from the PCA layout plus seeded jitter (see
+    the module docstring); openTSNE always jitters its PCA start with ``random_state``.
     """
     n = features.shape[0]
     if n <= 3 * perplexity:
@@ -44,6 +54,8 @@ def tsne_embedding(
     if pca_dims is not None and pca_dims < min(features.shape):
         features = PCA(n_components=pca_dims, svd_solver="full").fit_transform(features)
     if backend == "sklearn":
+        features = features.astype(np.float32)
+        init = jittered_pca_layout(features, random_state) if jitter else "pca"
         embedding = TSNE(
             n_components=2,
             perplexity=perplexity,
@@ -53,13 +65,13 @@ def tsne_embedding(
             n_iter_without_progress=300,
             min_grad_norm=1e-7,
             metric="euclidean",
-            init="pca",
+            init=init,
             verbose=0,
             random_state=random_state,
             method="barnes_hut",
             angle=0.5,
             n_jobs=1,
-        ).fit_transform(features.astype(np.float32))
+        ).fit_transform(features)
     elif backend == "opentsne":
         from openTSNE import TSNE as OpenTSNE
 
@@ -87,6 +99,17 @@ def tsne_embedding(
     return min_max_scale(np.asarray(embedding, dtype=np.float64))
 
 
+def jittered_pca_layout(features: np.ndarray, random_state: int, scale: float = 0.01) -> np.ndarray:
+    """scikit-learn's PCA start for t-SNE (first axis scaled to standard deviation 1e-4)
+    plus Gaussian jitter of ``scale`` times that deviation, drawn from ``random_state``."""
+    # float32 and the same operations as scikit-learn: t-SNE is chaotic enough that a
+    # start that differs in its last bits ends in another layout.
+    layout = PCA(n_components=2, svd_solver="full").fit_transform(features.astype(np.float32))
+    layout = layout / np.std(layout[:, 0]) * 1e-4
+    noise = np.random.default_rng(random_state).normal(scale=scale * 1e-4, size=layout.shape)
+    return (layout + noise.astype(np.float32)).astype(np.float32)
+
+
 def min_max_scale(points: np.ndarray) -> np.ndarray:
     """Scale each column to [0, 1]; a constant column maps to 0."""
     low = points.min(axis=0)
@@ -98,6 +121,16 @@ def tsne_silhouette_block(features: np.ndarray, labels: np.ndarray, **tsne_optio
     """Score of one block and its scaled embedding: ``(silhouette, (n, 2) points)``."""
     embedding = tsne_embedding(features, **tsne_options)
     return float(silhouette_score(embedding, labels, metric="euclidean")), embedding
+
+
+def _block_in_worker(features: np.ndarray, labels: np.ndarray, threads: int, **tsne_options) -> tuple[float, np.ndarray]:
+    # Each of n worker processes gets cores / n native threads (OpenMP, BLAS): with an
+    # inherited OMP_NUM_THREADS, workers x threads oversubscribe the cores and the
+    # Barnes-Hut gradient's spinning OpenMP threads slow t-SNE down ~10x.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):
+        return tsne_silhouette_block(features, labels, **tsne_options)
 
 
 @register_criterion
@@ -137,15 +170,22 @@ class TSNESilhouette(Criterion):
         self.n_jobs = n_jobs
         self.progress = progress
 
-    def score(self, features, labels, *, block_input=None, random_state=0):
+    def score(self, features, labels, *, block_input=None, random_state=0, run=0):
+        """Scores per block; ``run`` > 0 (a further seed of ``--seeds``) jitters the start."""
         from joblib import Parallel, delayed
         from tqdm.auto import tqdm
 
         features, labels = check_features(features, labels)
         n_jobs = self.n_jobs or min(len(features), os.cpu_count() or 1)
         options = dict(backend=self.backend, perplexity=self.perplexity, random_state=random_state,
-                       pca_dims=self.pca_dims)  # fmt: skip
-        tasks = (delayed(tsne_silhouette_block)(f, labels, **options) for f in features)
+                       pca_dims=self.pca_dims, jitter=run > 0)  # fmt: skip
+        if n_jobs == 1:
+            # In this process, under the caller's own thread limits: raising them here
+            # would also hang a forked process (an OpenMP pool does not survive a fork).
+            tasks = (delayed(tsne_silhouette_block)(f, labels, **options) for f in features)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // n_jobs)
+            tasks = (delayed(_block_in_worker)(f, labels, threads, **options) for f in features)
         results = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
         results = list(tqdm(results, total=len(features), desc=f"t-SNE per block (seed {random_state})",
                             unit="block", disable=not self.progress))  # fmt: skip
