@@ -11,6 +11,14 @@ Measures over the same N training images of the embedded model (frozen backbone)
         top-down from block N until the stop rule fires, each followed by that
         block's t-SNE + silhouette (scikit-learn).
 Prints (ii)/(i) (target <= 1.15 at N = 1000, 224 px) and (iii)/(ii).
+
+    python bench/analysis_cost.py --task runs/demo-...   # a task's fine-tuned model
+
+With ``--task`` the model is that task's fine-tuned PETL model with all its blocks, at
+the task's image size and preprocessing, on the task's data (``--samples`` of its
+training split). A frozen backbone often gives the top block a score <= 0, so the
+rule keeps every block and (iii) stops after one pass; a fine-tuned model gives the
+rule something to cut, which is where (iii) pays one pass per examined block.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from sls.artifact import load_task, read_record
 from sls.backbones import block_features, create_backbone, vit
 from sls.criteria.silhouette import tsne_silhouette_block
 from sls.data import ImageDataset, load_dataset, make_splits, make_transform, stratified_subset
@@ -81,15 +90,30 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--tsne", default="sklearn,opentsne", help="backends for (ii), comma-separated")
     parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--task", default=None, help="a task folder: time its fine-tuned model on its data")
     parser.add_argument("--skip-published", action="store_true", help="skip (iii), the slowest part")
     args = parser.parse_args()
 
-    data = load_dataset(args.data)
-    model, info = create_backbone(args.model, num_classes=len(data.classes), weights=args.weights, img_size=args.img_size)
-    indices = stratified_subset(make_splits(data).train, data.labels, args.samples)
-    transform = make_transform(info.img_size, info.mean, info.std, info.interpolation)
+    if args.task:
+        record = read_record(args.task)
+        model, _ = load_task(args.task, weights=args.weights, stage="finetuned")
+        bb, cfg = record["backbone"], record["config"]
+        data = load_dataset(cfg["data"])
+        splits = make_splits(data, train_size=cfg["train_samples"], test_size=cfg["test_samples"])
+        name, img_size, n_blocks, source = bb["model"], bb["img_size"], bb["num_blocks"], f"task {args.task}"
+        data_name = cfg["data"]
+        transform = make_transform(img_size, tuple(bb["mean"]), tuple(bb["std"]), bb["interpolation"])
+    else:
+        data = load_dataset(args.data)
+        model, info = create_backbone(args.model, num_classes=len(data.classes), weights=args.weights,
+                                      img_size=args.img_size)  # fmt: skip
+        splits = make_splits(data)
+        name, img_size, n_blocks, source = info.model, info.img_size, info.num_blocks, "frozen backbone"
+        data_name = args.data
+        transform = make_transform(info.img_size, info.mean, info.std, info.interpolation)
+    indices = stratified_subset(splits.train, data.labels, args.samples)
     loader = DataLoader(ImageDataset(data, indices, transform), batch_size=64, shuffle=False)
-    print(f"{info.model}, {info.num_blocks} blocks, {args.img_size} px, N = {len(indices)} {args.data} training "
+    print(f"{name} ({source}), {n_blocks} blocks, {img_size} px, N = {len(indices)} {data_name} training "
           f"images, {torch.get_num_threads()} threads")  # fmt: skip
 
     plain_pass(model, [next(iter(loader))])  # warm-up
