@@ -120,7 +120,7 @@ def test_cosine_schedule_warms_up_then_decays_to_the_final_rate():
 
 def test_bad_schedule_settings_are_refused_before_any_training(tiny_images):
     for changes, message in [
-        (dict(epochs=5, warmup_epochs=5), "--warmup-epochs must be from 0 to fewer than the 1 epochs"),
+        (dict(epochs=5, retrain_epochs=1, warmup_epochs=5), "--warmup-epochs must be from 0 to fewer than the 1 epochs"),
         (dict(epochs=20, retrain_epochs=5, warmup_epochs=10), "fewer than the 5 epochs of the shortest training"),
         (dict(min_lr=1.0), "--min-lr must be from 0 to --lr"),
         (dict(drop_path=1.0), r"--drop-path must be in \[0, 1\)"),

@@ -27,7 +27,8 @@ from sls.select import select_depth
 from sls.train import Schedule, accuracy
 
 TINY = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200, test_samples=100,
-                 analysis_samples=None, epochs=5, lr=3e-2, batch_size=16, throughput_batch=8, progress=False)  # fmt: skip
+                 analysis_samples=None, epochs=5, retrain_epochs=1, lr=3e-2, batch_size=16, throughput_batch=8,
+                 progress=False)  # fmt: skip
 N_BLOCKS = 6  # test_vit
 
 
