@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sls._registry import Registry
 from sls.backbones import all_blocks, pool_tokens
 from sls.errors import ConfigError
 from sls.train import Schedule, train
@@ -93,29 +94,19 @@ class RetrainStrategy:
         raise NotImplementedError
 
 
-_STRATEGIES: dict[str, type[RetrainStrategy]] = {}
+_STRATEGIES: Registry[type[RetrainStrategy]] = Registry("retraining strategy")
 
-
-def register_strategy(cls: type[RetrainStrategy]) -> type[RetrainStrategy]:
-    """Class decorator registering a retraining strategy under ``cls.name``."""
-    if cls.name in _STRATEGIES:
-        raise ValueError(f"retraining strategy {cls.name!r} is registered twice")
-    _STRATEGIES[cls.name] = cls
-    return cls
+register_strategy = _STRATEGIES.register
+"""Class decorator registering a retraining strategy under ``cls.name``."""
 
 
 def create_strategy(name: str, **options) -> RetrainStrategy:
     """Instantiate the registered strategy ``name`` with ``options`` over its defaults."""
-    try:
-        cls = _STRATEGIES[name]
-    except KeyError:
-        offered = ", ".join(list_strategies())
-        raise ConfigError(f"unknown retraining strategy {name!r}; choose one of: {offered}") from None
-    return cls(**options)
+    return _STRATEGIES.get(name)(**options)
 
 
 def list_strategies() -> list[str]:
-    return sorted(_STRATEGIES)
+    return _STRATEGIES.names()
 
 
 @register_strategy

@@ -21,7 +21,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from sls.errors import ConfigError, ScoreError
+from sls._registry import Registry
+from sls.errors import ScoreError
 
 KINDS = ("quality", "importance")
 
@@ -55,27 +56,18 @@ class Criterion:
         raise NotImplementedError
 
 
-_CRITERIA: dict[str, type[Criterion]] = {}
-
-
-def register_criterion(cls: type[Criterion]) -> type[Criterion]:
-    """Class decorator registering a criterion under ``cls.name``."""
-    if cls.name in _CRITERIA:
-        raise ValueError(f"criterion {cls.name!r} is registered twice")
+def _check_kind(cls: type[Criterion]) -> None:
     if cls.kind not in KINDS:
         raise ValueError(f"criterion {cls.name!r} has kind {cls.kind!r}; expected one of {KINDS}")
-    _CRITERIA[cls.name] = cls
-    return cls
 
 
-def criterion_class(name: str) -> type[Criterion]:
-    """The criterion class registered as ``name``."""
-    try:
-        return _CRITERIA[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown criterion {name!r}; choose one of: {', '.join(list_criteria())}"
-        ) from None
+_CRITERIA: Registry[type[Criterion]] = Registry("criterion", check=_check_kind)
+
+register_criterion = _CRITERIA.register
+"""Class decorator registering a criterion under ``cls.name``."""
+
+criterion_class = _CRITERIA.get
+"""The criterion class registered as ``name``."""
 
 
 def get_criterion(name: str, **options) -> Criterion:
@@ -85,7 +77,7 @@ def get_criterion(name: str, **options) -> Criterion:
 
 def list_criteria() -> list[str]:
     """Names of the registered criteria, sorted."""
-    return sorted(_CRITERIA)
+    return _CRITERIA.names()
 
 
 def check_features(features: list[np.ndarray], labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from sls._registry import Registry
 from sls.errors import ConfigError
 
 
@@ -66,28 +67,19 @@ class PETLMethod:
         raise ConfigError(f"{self.name} cannot be merged")
 
 
-_METHODS: dict[str, type[PETLMethod]] = {}
+_METHODS: Registry[type[PETLMethod]] = Registry("PETL method")
 
-
-def register_petl(cls: type[PETLMethod]) -> type[PETLMethod]:
-    """Class decorator registering a PETL method under ``cls.name``."""
-    if cls.name in _METHODS:
-        raise ValueError(f"PETL method {cls.name!r} is registered twice")
-    _METHODS[cls.name] = cls
-    return cls
+register_petl = _METHODS.register
+"""Class decorator registering a PETL method under ``cls.name``."""
 
 
 def create_petl(name: str, **hparams) -> PETLMethod:
     """Instantiate the registered method ``name`` with ``hparams`` over its defaults."""
-    try:
-        cls = _METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown PETL method {name!r}; choose one of: {', '.join(list_petl())}") from None
-    return cls(**hparams)
+    return _METHODS.get(name)(**hparams)
 
 
 def list_petl() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:
