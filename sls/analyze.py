@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from torch.utils.data import DataLoader
 
 from sls import __version__
@@ -133,10 +132,3 @@ def criteria_csv(results: list[dict]) -> str:
         for block, (score, std) in enumerate(zip(res["scores"], res["scores_std"]), start=1):
             lines.append(f"{res['criterion']},{block},{score:.6f},{std:.6f},{int(block <= res['depth'])}")
     return "\n".join(lines) + "\n"
-
-
-def depth_distribution(depths: list[int]) -> str:
-    """``"k=8 x3, k=7 x2"``: how often each k came out over the seeds."""
-    values, counts = np.unique(np.asarray(depths), return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    return ", ".join(f"k={values[i]} x{counts[i]}" for i in order)

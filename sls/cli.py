@@ -107,6 +107,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
            help="threshold factor, T = alpha * SC_N; several values report k for each from one "
                 "scoring, the first prunes")
     option("--tsne", choices=["sklearn", "opentsne"], help="t-SNE backend", default_shown=d.tsne)
+    option("--tsne-seeds", type=int, metavar="N", default_shown=d.tsne_seeds,
+           help="t-SNE starts to score the blocks with: mean scores, k = the most frequent k (ties: the larger)")
     option("--depth", type=int, help="keep exactly this many blocks instead of SLS's k")
     option("--seed", type=int, help="training seed", default_shown=d.seed)
     option("--out", help="task folder (default: runs/<data>-<model>-<petl>-<time>)")
@@ -133,7 +135,7 @@ def _config_from(args: argparse.Namespace):
         "max_drop": args.max_drop, "val_samples": args.val_samples, "lr": args.lr,
         "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "min_lr": args.min_lr,
         "drop_path": args.drop_path, "normalize": args.normalize, "batch_size": args.batch_size,
-        "throughput_batch": args.throughput_batch, "tsne": args.tsne, "depth": args.depth, "seed": args.seed,
+        "throughput_batch": args.throughput_batch, "tsne": args.tsne, "tsne_seeds": args.tsne_seeds, "depth": args.depth, "seed": args.seed,
         "out": args.out, "skip_bad_images": args.skip_bad_images, "device": args.device, "amp": args.amp,
         "channels_last": args.channels_last,
         "progress": False if args.quiet else None,
@@ -187,7 +189,12 @@ def _prune(args: argparse.Namespace) -> int:
 
     alpha, alphas = (args.alpha[0], args.alpha[1:]) if args.alpha else (None, None)
     record = stage_prune(args.task, alpha=alpha, alphas=alphas, criterion=args.criterion, depth=args.depth,
-                         max_drop=args.max_drop, progress=not args.quiet)  # fmt: skip
+                         max_drop=args.max_drop, tsne_seeds=args.tsne_seeds, progress=not args.quiet)  # fmt: skip
+    if len(record["depths_per_seed"]) > 1:
+        from sls.report import depth_distribution
+
+        per_seed = record["depths_per_seed"]
+        print(f"k over {len(per_seed)} t-SNE starts: {depth_distribution(per_seed)}")
     if len(record["depth_per_alpha"]) > 1:
         per_alpha = record["depth_per_alpha"]
         print("k per alpha: " + ", ".join(f"alpha={row['alpha']:g}: k={row['depth']}" for row in per_alpha))
@@ -258,7 +265,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from sls.analyze import AnalyzeConfig, analyze, depth_distribution
+    from sls.analyze import AnalyzeConfig, analyze
+    from sls.report import depth_distribution
 
     config = AnalyzeConfig(
         model=args.model, weights=args.weights, task=args.task, data=args.data, img_size=args.img_size,
@@ -426,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="smallest k within POINTS of the full model's validation accuracy (default: the task's)")
     prune.add_argument("--criterion", default=None, help="layer criterion (default: the task's, sls)")
     prune.add_argument("--depth", type=int, default=None, help="keep exactly this many blocks")
+    prune.add_argument("--tsne-seeds", type=int, default=None, metavar="N",
+                       help="t-SNE starts; k = the most frequent k over them (default: the task's, 1)")
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
     prune.set_defaults(handler=_prune)
     retrain = commands.add_parser("retrain", help="stage 3: retrain the kept blocks' PETL modules and the head")

@@ -110,6 +110,7 @@ class RunConfig:
     tsne: str = "sklearn"
     perplexity: float = 30.0
     tsne_seed: int = 0
+    tsne_seeds: int = 1
     depth: int | None = None
     seed: int = 0
     throughput_batch: int = 32
@@ -129,6 +130,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.retrain_epochs < 1:
             raise ConfigError("--epochs and --retrain-epochs must be >= 1")
+        if self.tsne_seeds < 1:
+            raise ConfigError(f"--tsne-seeds must be >= 1, got {self.tsne_seeds}")
         if self.batch_size < 1 or self.throughput_batch < 1:
             raise ConfigError("batch sizes must be >= 1")
         if self.lr <= 0:
@@ -261,7 +264,8 @@ def score_blocks(exp: Experiment, criterion: str | None = None) -> DepthSelector
     key = feature_key_parts(exp.data, "train", exp.analysed, bb.img_size, bb.mean, bb.std, bb.interpolation)
     analysis, _ = cached_block_features(exp.model, exp.analysis_loader, key_parts=key, progress=cfg.progress)
     selector = DepthSelector(alpha=cfg.alpha, criterion=criterion or cfg.criterion, tsne=cfg.tsne,
-                             perplexity=cfg.perplexity, random_state=cfg.tsne_seed, progress=cfg.progress)  # fmt: skip
+                             perplexity=cfg.perplexity, random_state=cfg.tsne_seed, n_seeds=cfg.tsne_seeds,
+                             progress=cfg.progress)  # fmt: skip
     return distributed.run_on_main(selector.fit, *analysis)  # t-SNE once; other processes get k from it
 
 
@@ -421,16 +425,18 @@ def stage_finetune(config: RunConfig) -> dict:
 
 def stage_prune(task_dir: str | Path, *, alpha: float | None = None, alphas: list[float] | None = None,
                 criterion: str | None = None, depth: int | None = None, max_drop: float | None = None,
-                progress: bool = True) -> dict:  # fmt: skip
+                tsne_seeds: int | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Stage 2: score every block of the fine-tuned model (one cached pass), choose k
     (or take ``depth``), drop blocks k+1..N and measure the accuracy before retraining.
 
-    k is also reported for each of ``alphas`` from the same scores. With ``max_drop``
+    k is also reported for each of ``alphas`` from the same scores. With ``tsne_seeds``
+    > 1 the SLS scores are the mean over that many t-SNE starts and k the most frequent
+    k among them (the record keeps each start's k and the scores' spread). With ``max_drop``
     the depth is the one :func:`budget_search` finds from SLS's k (written to
     ``budget.png`` as validation accuracy against throughput)."""
     task_dir = Path(task_dir)
     exp, record = _reopen(task_dir, progress, alpha=alpha, alphas=alphas, criterion=criterion, depth=depth,
-                          max_drop=max_drop)  # fmt: skip
+                          max_drop=max_drop, tsne_seeds=tsne_seeds)  # fmt: skip
     config = exp.config
     selector = score_blocks(exp)
     k = config.depth if config.depth is not None else selector.depth_
@@ -451,9 +457,12 @@ def stage_prune(task_dir: str | Path, *, alpha: float | None = None, alphas: lis
     pruned = truncate(copy.deepcopy(exp.model), k)
     record.update({
         "criterion": config.criterion,
-        "tsne": {"backend": config.tsne, "perplexity": config.perplexity, "random_state": config.tsne_seed},
+        "tsne": {"backend": config.tsne, "perplexity": config.perplexity, "random_state": config.tsne_seed,
+                 "seeds": len(selector.depths_per_seed_)},
         "alpha": config.alpha,
         "scores": [float(v) for v in selector.scores_],
+        "scores_std": [float(v) for v in selector.scores_std_],
+        "depths_per_seed": [int(d) for d in selector.depths_per_seed_],
         "threshold": float(selector.threshold_),
         "selected_depth": int(selector.depth_),
         "selection_reason": selector.reason_,

@@ -163,6 +163,13 @@ def plot_budget(path: str | Path, search: dict, *, title: str = "") -> Path:
     return _save_png(fig, path)
 
 
+def depth_distribution(depths: list[int]) -> str:
+    """``"k=8 x3, k=7 x2"``: how often each k came out over the seeds."""
+    values, counts = np.unique(np.asarray(depths), return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return ", ".join(f"k={values[i]} x{counts[i]}" for i in order)
+
+
 def summary_rows(record: dict) -> list[tuple[str, str, str]]:
     """(quantity, full model, pruned model) rows of a run's record."""
     res = record["results"]
@@ -184,6 +191,9 @@ def summary_rows(record: dict) -> list[tuple[str, str, str]]:
         strategy = record.get("retrain_strategy")
         how = f" ({strategy}, {record['retrain_epochs']} epoch(s))" if strategy else ""
         rows.append(("", "", f"{100 * res['accuracy']['pruned_retrained']:.1f}% after retraining{how}"))
+    per_seed = record.get("depths_per_seed", [])
+    if len(per_seed) > 1:
+        rows.insert(1, (f"k over {len(per_seed)} t-SNE starts", "", depth_distribution(per_seed)))
     per_alpha = record.get("depth_per_alpha", [])
     if len(per_alpha) > 1:
         rows.insert(1, ("k per alpha", "", ", ".join(f"alpha={row['alpha']:g}: k={row['depth']}" for row in per_alpha)))

@@ -74,6 +74,35 @@ def test_two_runs_with_the_same_seed_are_identical(uninterrupted, tmp_path):
     same_outcome(again, uninterrupted)
 
 
+def test_prune_over_several_tsne_starts_takes_the_most_frequent_k(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    from sls.select import most_frequent_depth
+
+    task = tmp_path / "task"
+    shutil.copytree(uninterrupted["config"]["out"], task)
+    assert main(["prune", str(task), "--tsne-seeds", "3", "--quiet"]) == 0
+    record = json.loads((task / "record.json").read_text())
+    per_seed = record["depths_per_seed"]
+    assert record["tsne"]["seeds"] == len(per_seed) == 3 and record["depth"] == most_frequent_depth(per_seed)
+    assert f"k over 3 t-SNE starts: k={record['depth']} x{per_seed.count(record['depth'])}" in capsys.readouterr().out
+    # The first start is the one-seed run's; the jittered others move the mean a little.
+    assert max(record["scores_std"]) > 0
+    single = uninterrupted["scores"]
+    assert record["scores"] != single and max(abs(a - b) for a, b in zip(record["scores"], single)) < 0.2
+    assert uninterrupted["depths_per_seed"] == [uninterrupted["depth"]] and uninterrupted["tsne"]["seeds"] == 1
+    assert main(["retrain", str(task), "--quiet"]) == 0 and main(["evaluate", str(task), "--quiet"]) == 0
+    assert "k over 3 t-SNE starts" in capsys.readouterr().out  # in the summary table
+
+
+def test_zero_tsne_starts_are_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "task"
+    assert main(["run", "--model", "test_vit", "--weights", "random", "--data", "digits", "--tsne-seeds", "0",
+                 "--quiet", "--out", str(out)]) == 2  # fmt: skip
+    assert "--tsne-seeds must be >= 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_folder_of_another_run_is_refused(uninterrupted, tmp_path):
     with pytest.raises(ConfigError, match=r"holds a run with other settings \(lr\)"):
         run(dataclasses.replace(TINY, out=uninterrupted["config"]["out"], lr=0.01))
