@@ -135,9 +135,9 @@ def _config_from(args: argparse.Namespace):
         "max_drop": args.max_drop, "val_samples": args.val_samples, "lr": args.lr,
         "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "min_lr": args.min_lr,
         "drop_path": args.drop_path, "normalize": args.normalize, "batch_size": args.batch_size,
-        "throughput_batch": args.throughput_batch, "tsne": args.tsne, "tsne_seeds": args.tsne_seeds, "depth": args.depth, "seed": args.seed,
-        "out": args.out, "skip_bad_images": args.skip_bad_images, "device": args.device, "amp": args.amp,
-        "channels_last": args.channels_last,
+        "throughput_batch": args.throughput_batch, "tsne": args.tsne, "tsne_seeds": args.tsne_seeds,
+        "depth": args.depth, "seed": args.seed, "out": args.out, "skip_bad_images": args.skip_bad_images,
+        "device": args.device, "amp": args.amp, "channels_last": args.channels_last,
         "progress": False if args.quiet else None,
     }  # fmt: skip
     settings = {key: (None if value == ALL else value) for key, value in given.items() if value is not None}
