@@ -111,6 +111,27 @@ _COMPARE_STYLES = {"full": ("black", "s", "full model"), "sls": ("tab:blue", "o"
                    "depgraph": ("tab:orange", "^", "DepGraph (width ratio r)")}  # fmt: skip
 
 
+def annotate_apart(ax, points: list[tuple[float, float, str]], *, fontsize: float = 6) -> list:
+    """Label each ``(x, y, text)`` point just above and right of it; a label that would
+    overlap one placed before moves down a line at a time, with a thin leader line
+    back to its point. Top labels are placed first. Returns the annotations."""
+    ax.autoscale_view()
+    renderer = ax.figure.canvas.get_renderer()
+    placed, labels = [], []
+    for x, y, text in sorted(points, key=lambda p: (-p[1], p[0])):
+        label = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(4, 3), textcoords="offset points")
+        dy = 3.0
+        while any(label.get_window_extent(renderer).overlaps(box) for box in placed):
+            dy -= 1.25 * fontsize
+            label.xyann = (4, dy)
+        if dy < 3.0:
+            ax.annotate("", (x, y), xytext=(4, dy + 0.4 * fontsize), textcoords="offset points",
+                        arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))  # fmt: skip
+        placed.append(label.get_window_extent(renderer))
+        labels.append(label)
+    return labels
+
+
 def plot_compare(path: str | Path, rows: list[dict], *, title: str = "") -> Path:
     """Test accuracy against measured throughput, one labelled point per model of
     :func:`sls.compare.compare`; filled markers were retrained after pruning, hollow ones not."""
@@ -121,8 +142,7 @@ def plot_compare(path: str | Path, rows: list[dict], *, title: str = "") -> Path
             face = color if row["retrained"] or method == "full" else "none"
             ax.scatter(row["throughput"], 100 * row["accuracy"], marker=marker, edgecolors=color, facecolors=face,
                        s=36, label=label if i == 0 else None)  # fmt: skip
-            ax.annotate(row["model"], (row["throughput"], 100 * row["accuracy"]), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    annotate_apart(ax, [(row["throughput"], 100 * row["accuracy"], row["model"]) for row in rows])
     ax.set_xlabel("throughput (images/s, deployable models, one timing run)")
     ax.set_ylabel("test accuracy (%)")
     if title:
