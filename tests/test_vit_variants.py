@@ -265,3 +265,8 @@ def test_model_kwargs_are_checked():
         create_backbone("test_vit", num_classes=3, weights="random", model_kwargs=dict(img_size=32))
     with pytest.raises(ConfigError, match="model_kwargs must hold JSON values"):
         create_backbone("test_vit", num_classes=3, weights="random", model_kwargs=dict(act_layer=torch.nn.GELU))
+    # Values timm itself cannot build with: one line naming the option, no traceback.
+    with pytest.raises(ConfigError, match=r"could not build test_vit with the model options depth='abc': TypeError"):
+        create_backbone("test_vit", num_classes=3, weights="random", model_kwargs=dict(depth="abc"))
+    with pytest.raises(ConfigError, match="nonsense=3: TypeError: .*unexpected keyword argument 'nonsense'"):
+        create_backbone("test_vit", num_classes=3, weights="random", model_kwargs=dict(nonsense=3))

@@ -81,6 +81,20 @@ class BackboneInfo:
 
 
 @contextlib.contextmanager
+def _model_options_checked(timm_name: str, model_kwargs: dict):
+    """Turn timm's failure to build a model with the user's ``--model-option`` values
+    (a TypeError deep in a constructor, say) into a one-line ConfigError."""
+    try:
+        yield
+    except (TypeError, ValueError, AssertionError) as err:
+        if not model_kwargs:
+            raise
+        shown = ", ".join(f"{key}={value!r}" for key, value in model_kwargs.items())
+        raise ConfigError(f"timm could not build {timm_name} with the model options {shown}: "
+                          f"{type(err).__name__}: {err}") from None  # fmt: skip
+
+
+@contextlib.contextmanager
 def _timm_load_report():
     """Collect the keys timm reports missing or unexpected while it loads weights."""
     report: dict[str, list[str]] = {"missing": [], "unexpected": []}
@@ -246,46 +260,47 @@ def create_backbone(
     kwargs: dict = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **model_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
-    if weights == RANDOM_WEIGHTS:
-        # Seeded, so a task record made on random weights can be rebuilt and checked.
-        # Built headless so the head's size does not shift the random stream.
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            net = timm.create_model(timm_name, pretrained=False, **(kwargs | {"num_classes": 0}))
-            net.reset_classifier(num_classes)
-        source = RANDOM_WEIGHTS
-    elif weights is None:
-        try:
-            net = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as err:  # timm raises many types when the hub is unreachable
-            raise UnknownModelError(
-                f"could not fetch pretrained weights for {timm_name!r} ({type(err).__name__}); "
-                "pass a local file with --weights FILE"
-            ) from None
-        source = "timm"
-    elif Path(weights).suffix.lower() == ".npz":
-        net = _create_from_npz(timm_name, Path(weights), kwargs)
-        source = str(Path(weights).resolve())
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise ConfigError(f"weights file {path} does not exist")
-        try:
-            with _timm_load_report() as report:
-                net = timm.create_model(
-                    timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-                )
-        except (pickle.UnpicklingError, SafetensorError, RuntimeError) as err:
-            raise ConfigError(_load_failure(path, timm_name, err)) from None
-        # timm loads non-strictly when it replaces the head: check the backbone keys ourselves.
-        for kind, keys in report.items():
-            backbone_keys = [k for k in keys if not k.startswith(HEAD_PREFIXES)]
-            if backbone_keys:
-                shown = ", ".join(backbone_keys[:3]) + (", ..." if len(backbone_keys) > 3 else "")
-                raise ConfigError(
-                    f"weights file {path} does not fit {timm_name}: {len(backbone_keys)} {kind} keys ({shown})"
-                )
-        source = str(path.resolve())
+    with _model_options_checked(timm_name, model_kwargs):
+        if weights == RANDOM_WEIGHTS:
+            # Seeded, so a task record made on random weights can be rebuilt and checked.
+            # Built headless so the head's size does not shift the random stream.
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                net = timm.create_model(timm_name, pretrained=False, **(kwargs | {"num_classes": 0}))
+                net.reset_classifier(num_classes)
+            source = RANDOM_WEIGHTS
+        elif weights is None:
+            try:
+                net = timm.create_model(timm_name, pretrained=True, **kwargs)
+            except Exception as err:  # timm raises many types when the hub is unreachable
+                raise UnknownModelError(
+                    f"could not fetch pretrained weights for {timm_name!r} ({type(err).__name__}); "
+                    "pass a local file with --weights FILE"
+                ) from None
+            source = "timm"
+        elif Path(weights).suffix.lower() == ".npz":
+            net = _create_from_npz(timm_name, Path(weights), kwargs)
+            source = str(Path(weights).resolve())
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise ConfigError(f"weights file {path} does not exist")
+            try:
+                with _timm_load_report() as report:
+                    net = timm.create_model(
+                        timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+                    )
+            except (pickle.UnpicklingError, SafetensorError, RuntimeError) as err:
+                raise ConfigError(_load_failure(path, timm_name, err)) from None
+            # timm loads non-strictly when it replaces the head: check the backbone keys ourselves.
+            for kind, keys in report.items():
+                backbone_keys = [k for k in keys if not k.startswith(HEAD_PREFIXES)]
+                if backbone_keys:
+                    shown = ", ".join(backbone_keys[:3]) + (", ..." if len(backbone_keys) > 3 else "")
+                    raise ConfigError(
+                        f"weights file {path} does not fit {timm_name}: {len(backbone_keys)} {kind} keys ({shown})"
+                    )
+            source = str(path.resolve())
     family = _family(net)
     cfg = net.pretrained_cfg
     side = img_size or cfg["input_size"][-1]
