@@ -121,3 +121,11 @@ def test_wrong_architecture_weights_and_unknown_names(tmp_path):
         create_backbone("test_vit", num_classes=3, weights=tmp_path / "missing.pth")
     with pytest.raises(UnknownModelError, match="unknown model 'vit_nonexistent'"):
         create_backbone("vit_nonexistent", num_classes=3)
+
+
+def test_an_input_size_that_is_not_whole_patches_is_refused_at_creation():
+    with pytest.raises(ConfigError, match="an input of 30 px is not a whole number of test_vit's 16-px patches; "
+                                          "use --img-size 16 or 32"):  # fmt: skip
+        create_backbone("test_vit", num_classes=3, weights="random", img_size=30)
+    with pytest.raises(ConfigError, match="use --img-size 16$"):
+        create_backbone("test_vit", num_classes=3, weights="random", img_size=12)

@@ -179,3 +179,34 @@ def test_task_round_trip_gives_an_identical_model(tmp_path, method, img_size):
         assert max_diff(loaded(x), expected) == 0
         if method == "repadapter":  # a truncated, reloaded task still merges
             assert max_diff(petl.merge(loaded)(x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("lora", dict(r="abc"), "lora option r must be a whole number >= 1, got 'abc'"),
+        ("lora", dict(r=0), "lora option r must be a whole number >= 1, got 0"),
+        ("lora", dict(r=2.5), "lora option r must be a whole number >= 1, got 2.5"),
+        ("lora", dict(alpha=True), "lora option alpha must be a number, got True"),
+        ("lora", dict(target_modules=[]), "lora option target_modules must be one or more names"),
+        ("adapter", dict(bottleneck=-3), "adapter option bottleneck must be a whole number >= 1, got -3"),
+        ("convpass", dict(scale="abc"), "convpass option scale must be a number, got 'abc'"),
+        ("convpass", dict(scale=float("inf")), "convpass option scale must be a number, got inf"),
+        ("repadapter", dict(dropout=1), r"repadapter option dropout must be in \[0, 1\), got 1"),
+        ("repadapter", dict(groups=0), "repadapter option groups must be a whole number >= 1, got 0"),
+        ("convpass", dict(conv_init=3), "convpass option conv_init must be a string, got 3"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused_before_any_model_is_touched(method, options, message):
+    with pytest.raises(ConfigError, match=message):
+        create_petl(method, **options)
+
+
+def test_lora_target_modules_from_a_comma_list_and_unknown_names():
+    method = create_petl("lora", target_modules="qkv, fc1", r=2.0)
+    assert method.hparams["target_modules"] == ["qkv", "fc1"] and method.hparams["r"] == 2
+    model = method.apply(plain_vit("cls-2x2"))
+    adapted = {name.split(".")[3] for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
+    assert adapted == {"qkv", "fc1"}
+    with pytest.raises(ConfigError, match=r"cannot adapt target_modules=\['nope'\].*named: fc1, fc2, head, proj, qkv"):
+        create_petl("lora", target_modules=["nope"]).apply(plain_vit("cls-2x2"))

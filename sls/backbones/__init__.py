@@ -156,6 +156,20 @@ def _family(model: nn.Module) -> str:
     )
 
 
+def _check_patch_grid(model: nn.Module, timm_name: str) -> None:
+    """Refuse an input size the patch embedding cannot cut into whole patches (timm
+    would only assert so at the first forward pass), naming the nearest sizes that work."""
+    embed = model.patch_embed
+    if getattr(embed, "dynamic_img_pad", False):
+        return
+    for side, patch in zip(embed.img_size, embed.patch_size):
+        if side % patch:
+            lower, upper = side - side % patch, side - side % patch + patch
+            sizes = f"{lower} or {upper}" if lower else str(upper)
+            raise ConfigError(f"an input of {side} px is not a whole number of {timm_name}'s {patch}-px patches; "
+                              f"use --img-size {sizes}")  # fmt: skip
+
+
 def all_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's transformer blocks, bottom-up (across the stages for Swin)."""
     return list(_FAMILIES[_family(model)].blocks(model))
@@ -302,6 +316,7 @@ def create_backbone(
                     )
             source = str(path.resolve())
     family = _family(net)
+    _check_patch_grid(net, timm_name)
     cfg = net.pretrained_cfg
     side = img_size or cfg["input_size"][-1]
     info = BackboneInfo(

@@ -8,6 +8,7 @@ is then ``trainable_state(model)``: nothing of the frozen backbone.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -20,13 +21,17 @@ from sls.errors import ConfigError
 class PETLMethod:
     """Base class: hyper-parameters in, modules inserted by :meth:`apply`.
 
-    Subclasses set ``name``, ``defaults`` (every hyper-parameter with its default)
-    and ``param_markers`` (substrings that name their parameters), and implement
-    :meth:`insert`.
+    Subclasses set ``name``, ``defaults`` (every hyper-parameter with its default),
+    ``counts`` (the hyper-parameters that are whole numbers >= 1: ranks, widths) and
+    ``param_markers`` (substrings that name their parameters), and implement
+    :meth:`insert`. Every value is checked against its default's kind before any
+    model is touched: a count, a finite number (``dropout`` in [0, 1)), a list of
+    names (a comma-separated string is split), or a string.
     """
 
     name: ClassVar[str]
     defaults: ClassVar[dict]
+    counts: ClassVar[tuple[str, ...]] = ()
     param_markers: ClassVar[tuple[str, ...]]
 
     def __init__(self, **hparams) -> None:
@@ -36,7 +41,29 @@ class PETLMethod:
                 f"{self.name} has no option {', '.join(sorted(unknown))}; "
                 f"its options are {', '.join(sorted(self.defaults))}"
             )
-        self.hparams = {**self.defaults, **hparams}
+        self.hparams = {**self.defaults, **{key: self._checked(key, value) for key, value in hparams.items()}}
+
+    def _checked(self, key: str, value):
+        default, where = self.defaults[key], f"{self.name} option {key}"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in self.counts:
+            if not number or value != int(value) or value < 1:
+                raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
+            return int(value)
+        if isinstance(default, (int, float)):
+            if not number or not math.isfinite(value):
+                raise ConfigError(f"{where} must be a number, got {value!r}")
+            if key == "dropout" and not 0 <= value < 1:
+                raise ConfigError(f"{where} must be in [0, 1), got {value!r}")
+            return value
+        if isinstance(default, list):
+            names = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+            if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(f"{where} must be one or more names (e.g. qkv,fc1), got {value!r}")
+            return list(names)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
 
     def insert(self, model: nn.Module) -> None:
         """Insert the method's modules into ``model`` (in place)."""

@@ -53,6 +53,7 @@ class Adapter(PETLMethod):
 
     name = "adapter"
     defaults = {"bottleneck": 8, "scale": 1.0, "dropout": 0.0}
+    counts = ("bottleneck",)
     param_markers = (".adapter.",)
 
     def insert(self, model: nn.Module) -> None:

@@ -153,6 +153,7 @@ class Convpass(PETLMethod):
 
     name = "convpass"
     defaults = {"bottleneck": 8, "scale": 1.0, "dropout": 0.1, "conv_init": "identity"}
+    counts = ("bottleneck",)
     param_markers = (".convpass.",)
 
     def __init__(self, **hparams) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from sls.errors import ConfigError
 from sls.petl import PETLMethod, register_petl
 
 
@@ -17,6 +18,7 @@ class LoRA(PETLMethod):
 
     name = "lora"
     defaults = {"r": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["qkv"]}
+    counts = ("r",)
     param_markers = ("lora_A", "lora_B")
 
     def insert(self, model: nn.Module) -> None:
@@ -29,4 +31,10 @@ class LoRA(PETLMethod):
             target_modules=list(self.hparams["target_modules"]),
             bias="none",
         )
-        inject_adapter_in_model(config, model)
+        try:
+            inject_adapter_in_model(config, model)
+        except ValueError as err:  # peft's NoMatchingPeftModuleError, among others
+            linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ConfigError(f"lora cannot adapt target_modules={self.hparams['target_modules']} in "
+                              f"{type(model).__name__} ({err}); its linear layers are named: "
+                              f"{', '.join(linears)}") from None  # fmt: skip

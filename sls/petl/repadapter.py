@@ -103,6 +103,7 @@ class RepAdapter(PETLMethod):
 
     name = "repadapter"
     defaults = {"bottleneck": 8, "groups": 2, "scale": 1.0, "dropout": 0.1}
+    counts = ("bottleneck", "groups")
     param_markers = (".repadapter.",)
 
     def insert(self, model: nn.Module) -> None:
