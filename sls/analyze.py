@@ -101,6 +101,8 @@ def analyze(config: AnalyzeConfig) -> dict:
             "depth": selector.depth_,
             "threshold": selector.threshold_,
             "reason": selector.reason_,
+            "margin": selector.margin_,
+            "passing_below": selector.passing_below_,
         })  # fmt: skip
 
     out = Path(config.out) if config.out else Path("runs") / f"analyze-{config.data}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -158,7 +158,7 @@ def _execute(config) -> int:
 
     from sls import distributed
     from sls.pipeline import run
-    from sls.report import print_summary
+    from sls.report import print_summary, selection_notes
 
     # Under torchrun (WORLD_SIZE > 1) every process runs this; only rank 0 prints.
     with distributed.session(config.device):
@@ -166,6 +166,8 @@ def _execute(config) -> int:
         if not distributed.is_main():
             return 0
     print_summary(record)
+    for line in selection_notes(record):
+        print(line)
     plots = "scores.png, budget.png" if "budget_search" in record else "scores.png"
     print(f"task folder: {record['config']['out']}  (record.json, task.safetensors, scores.csv, {plots})")
     return 0
@@ -186,13 +188,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from sls.pipeline import stage_prune
+    from sls.report import depth_distribution, selection_notes
 
     alpha, alphas = (args.alpha[0], args.alpha[1:]) if args.alpha else (None, None)
     record = stage_prune(args.task, alpha=alpha, alphas=alphas, criterion=args.criterion, depth=args.depth,
                          max_drop=args.max_drop, tsne_seeds=args.tsne_seeds, progress=not args.quiet)  # fmt: skip
     if len(record["depths_per_seed"]) > 1:
-        from sls.report import depth_distribution
-
         per_seed = record["depths_per_seed"]
         print(f"k over {len(per_seed)} t-SNE starts: {depth_distribution(per_seed)}")
     if len(record["depth_per_alpha"]) > 1:
@@ -208,6 +209,8 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"scores {scores}; T = {record['threshold']:.3f}; k = {record['depth']} of "
           f"{record['backbone']['num_blocks']} blocks; test accuracy before retraining "
           f"{100 * record['results']['accuracy']['pruned_no_retrain']:.1f}%; next: sls retrain {args.task}")
+    for line in selection_notes(record):
+        print(line)
     return 0
 
 

@@ -466,6 +466,8 @@ def stage_prune(task_dir: str | Path, *, alpha: float | None = None, alphas: lis
         "threshold": float(selector.threshold_),
         "selected_depth": int(selector.depth_),
         "selection_reason": selector.reason_,
+        "selection_margin": selector.margin_,
+        "passing_below": selector.passing_below_,
         "depth_per_alpha": per_alpha,
         "depth": int(k),
         "stages": ["finetune", "prune"],

@@ -190,6 +190,20 @@ def depth_distribution(depths: list[int]) -> str:
     return ", ".join(f"k={values[i]} x{counts[i]}" for i in order)
 
 
+def selection_notes(record: dict) -> list[str]:
+    """What a person should know about how firmly the rule chose k: its margin to T,
+    and blocks under the stop that pass T again."""
+    notes = []
+    if record.get("selection_margin") is not None:
+        notes.append(f"margin to T: {record['selection_margin']:.3f} (the closer of the stopping block and the "
+                     "lowest kept block)")  # fmt: skip
+    passing = record.get("passing_below") or []
+    if passing:
+        notes.append(f"note: block(s) {', '.join(map(str, passing))} under the stop pass T again (non-monotone "
+                     f"scores); the rule keeps blocks 1..{record['selected_depth']} as the paper's does")  # fmt: skip
+    return notes
+
+
 def summary_rows(record: dict) -> list[tuple[str, str, str]]:
     """(quantity, full model, pruned model) rows of a run's record."""
     res = record["results"]

@@ -17,6 +17,7 @@ import numpy as np
 from sls.criteria import criterion_class
 from sls.errors import ConfigError
 
+
 @dataclass(frozen=True)
 class DepthDecision:
     """Outcome of the stop rule.
@@ -28,11 +29,21 @@ class DepthDecision:
             block fell below T, k = 1), ``"top-fails"`` (block N itself is below T,
             which only happens for alpha > 1: nothing is pruned) or
             ``"top-nonpositive"`` (SC_N <= 0: the rule is undefined, nothing is pruned).
+        margin: for ``"rule"``, how close the decision came to going another way: the
+            smaller of T - SC of the block that stopped the walk and SC_k - T of the
+            lowest kept block of the passing run (None otherwise). A margin small
+            against the scores' spread over t-SNE starts means another start may
+            move k.
+        passing_below: blocks under the one that stopped the walk that pass T again (a
+            non-monotone curve). The rule, as in the paper, keeps 1..k regardless; a
+            non-empty tuple says a deeper cut was not the only reading of the curve.
     """
 
     depth: int
     threshold: float
     reason: str
+    margin: float | None = None
+    passing_below: tuple[int, ...] = ()
 
 
 def select_depth(scores: np.ndarray, alpha: float, kind: str = "quality") -> DepthDecision:
@@ -77,7 +88,9 @@ def select_depth(scores: np.ndarray, alpha: float, kind: str = "quality") -> Dep
         if scores[block - 1] < threshold:
             if block == n_blocks:
                 return DepthDecision(n_blocks, threshold, "top-fails")
-            return DepthDecision(block + 1, threshold, "rule")
+            margin = min(threshold - scores[block - 1], scores[block] - threshold)
+            passing = tuple(b for b in range(1, block) if scores[b - 1] >= threshold)
+            return DepthDecision(block + 1, threshold, "rule", float(margin), passing)
     return DepthDecision(1, threshold, "all-pass")
 
 
@@ -116,6 +129,9 @@ class DepthSelector:
         threshold_: T of the first seed that chose ``depth_``.
         depth_: k, the 1-based number of kept blocks.
         reason_: why the walk stopped (see :class:`DepthDecision`).
+        margin_: distance of the decision to T (see :class:`DepthDecision`); None
+            unless the rule fired.
+        passing_below_: blocks under the stop that pass T again (non-monotone scores).
         embeddings_: scaled 2-D t-SNE points per block of the first seed (``sls`` only).
         n_blocks_: number of blocks scored.
     """
@@ -195,6 +211,8 @@ class DepthSelector:
         self.depth_ = chosen.depth
         self.threshold_ = chosen.threshold
         self.reason_ = chosen.reason
+        self.margin_ = chosen.margin
+        self.passing_below_ = list(chosen.passing_below)
         return self
 
     def decide(self, alpha: float) -> DepthDecision:

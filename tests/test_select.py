@@ -80,6 +80,27 @@ def test_stop_rule(scores, alpha, depth, reason):
     assert decision.threshold == pytest.approx(alpha * scores[-1])
 
 
+@pytest.mark.parametrize(
+    ("scores", "margin", "passing_below"),
+    [
+        # T = 0.24: block 2 (0.1) stops the walk 0.14 under T; block 3 (0.5) is 0.26 over.
+        ([0.05, 0.1, 0.5, 0.6, 0.8], 0.14, ()),
+        # T = 0.24: block 3 (0.1) stops, 0.14 under; block 4 (0.6) 0.36 over; block 2 (0.7) passes again.
+        ([0.05, 0.7, 0.1, 0.6, 0.8], 0.14, (2,)),
+        # T = 0.3: block 1 (0.1) stops, 0.2 under; block 2 sits exactly on T: margin 0.
+        ([0.1, 0.3, 1.0], 0.0, ()),
+        # T = 0.3: block 2 (0.29) stops 0.01 under T; block 1 passes again.
+        ([0.9, 0.29, 0.5, 1.0], 0.01, (1,)),
+    ],
+)
+def test_the_decision_reports_its_margin_and_blocks_passing_under_the_stop(scores, margin, passing_below):
+    decision = select_depth(np.array(scores), 0.3)
+    assert decision.reason == "rule"
+    assert decision.margin == pytest.approx(margin)
+    assert decision.passing_below == passing_below
+    assert select_depth(np.array([0.5, 0.6, 0.7]), 0.3).margin is None  # all pass: no stop to measure
+
+
 @pytest.mark.parametrize("top", [0.0, -0.3])
 def test_nonpositive_top_score_keeps_all_blocks_with_a_warning(top):
     with pytest.warns(UserWarning, match="keeping all blocks"):

@@ -40,7 +40,14 @@ def test_stage_commands_chain_to_the_same_result_as_run(uninterrupted, tmp_path,
     assert main(["finetune", *args]) == 0
     assert "next: sls prune" in capsys.readouterr().out
     assert main(["prune", str(task), "--quiet"]) == 0
-    assert f"k = {uninterrupted['depth']} of 6 blocks" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"k = {uninterrupted['depth']} of 6 blocks" in printed
+    # The margin, by hand from the recorded scores: the stopping block k-1 and block k against T.
+    scores, k, threshold = uninterrupted["scores"], uninterrupted["depth"], uninterrupted["threshold"]
+    assert uninterrupted["selection_reason"] == "rule" and uninterrupted["passing_below"] == []
+    margin = min(threshold - scores[k - 2], scores[k - 1] - threshold)
+    assert uninterrupted["selection_margin"] == pytest.approx(margin)
+    assert f"margin to T: {margin:.3f}" in printed
     assert main(["retrain", str(task), "--quiet"]) == 0
     assert main(["evaluate", str(task), "--quiet"]) == 0
     record = json.loads((task / "record.json").read_text())
