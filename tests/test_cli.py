@@ -23,6 +23,8 @@ def test_run_writes_a_task_and_prints_the_table(tmp_path, capsys):
     record = json.loads((out / "record.json").read_text())
     assert record["petl"] == {"method": "adapter", "hparams": {"bottleneck": 4, "scale": 1.0, "dropout": 0.0}}
     assert record["data"]["analysed_train_samples"] == 200
+    # The summary is followed by the rule's margin to T.
+    assert record["selection_reason"] == "rule" and f"margin to T: {record['selection_margin']:.3f}" in printed
 
 
 @pytest.mark.parametrize(
