@@ -222,6 +222,34 @@ def _retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+_NEXT_STAGE = {"finetune": "prune", "prune": "retrain", "retrain": "evaluate"}
+
+
+def _show(args: argparse.Namespace) -> int:
+    from sls.artifact import read_record
+    from sls.report import print_summary, selection_notes
+
+    record = read_record(args.task)
+    stages = record.get("stages", [])
+    if "evaluate" in stages:
+        print_summary(record)
+    else:
+        accuracies = ", ".join(f"{name.replace('_', ' ')} {100 * value:.1f}%"
+                               for name, value in record.get("results", {}).get("accuracy", {}).items())  # fmt: skip
+        print(f"{args.task}: {record['backbone']['model']} + {record['petl']['method']} on {record['data']['name']}; "
+              f"stages done: {', '.join(stages) or 'none'}; test accuracy: {accuracies or 'not measured'}")  # fmt: skip
+        if stages and stages[-1] in _NEXT_STAGE:
+            print(f"next: sls {_NEXT_STAGE[stages[-1]]} {args.task}")
+    if "scores" in record:
+        scores = " ".join(f"{v:.3f}" for v in record["scores"])
+        print(f"{record.get('criterion', 'sls')} scores, blocks 1..{len(record['scores'])}: {scores}; "
+              f"T = {record['threshold']:.3f}; k = {record['depth']} of "
+              f"{record['backbone']['num_blocks']}")  # fmt: skip
+    for line in selection_notes(record):
+        print(line)
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from sls.pipeline import stage_evaluate
     from sls.report import print_summary
@@ -451,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("task", help="task folder")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=_evaluate)
+    show = commands.add_parser("show", help="what a task folder holds: stages done, scores, k, and the results "
+                                            "measured so far (reads only; nothing is run or written)")  # fmt: skip
+    show.add_argument("task", help="task folder")
+    show.set_defaults(handler=_show)
     sweep = commands.add_parser("sweep", help="run every task of a YAML sweep file (skipping finished ones) and "
                                               "summarise them per task and per VTAB group")  # fmt: skip
     sweep.add_argument("config", help="sweep file: defaults, methods, tasks (see sls.sweep)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,31 @@ def test_prune_over_several_tsne_starts_takes_the_most_frequent_k(uninterrupted,
     assert uninterrupted["depths_per_seed"] == [uninterrupted["depth"]] and uninterrupted["tsne"]["seeds"] == 1
     assert main(["retrain", str(task), "--quiet"]) == 0 and main(["evaluate", str(task), "--quiet"]) == 0
     assert "k over 3 t-SNE starts" in capsys.readouterr().out  # in the summary table
+
+
+def test_show_reports_a_task_at_any_stage_and_writes_nothing(uninterrupted, tmp_path, capsys):
+    def contents(folder):
+        return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+    done = Path(uninterrupted["config"]["out"])
+    before = contents(done)
+    assert main(["show", str(done)]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "throughput" in printed  # the run's own summary table
+    scores = " ".join(f"{v:.3f}" for v in uninterrupted["scores"])
+    threshold, depth = uninterrupted["threshold"], uninterrupted["depth"]
+    assert f"sls scores, blocks 1..6: {scores}; T = {threshold:.3f}; k = {depth} of 6" in printed
+    assert f"margin to T: {uninterrupted['selection_margin']:.3f}" in printed
+    assert contents(done) == before
+
+    halfway = tmp_path / "halfway"
+    record = stage_finetune(dataclasses.replace(TINY, epochs=1, out=str(halfway)))
+    assert main(["show", str(halfway)]) == 0
+    printed = capsys.readouterr().out
+    assert f"stages done: finetune; test accuracy: full {100 * record['results']['accuracy']['full']:.1f}%" in printed
+    assert f"next: sls prune {halfway}" in printed and "scores" not in printed
+    assert main(["show", str(tmp_path)]) == 2
+    assert "record.json not found" in capsys.readouterr().err
 
 
 def test_zero_tsne_starts_are_refused_before_any_work(tmp_path, capsys):
