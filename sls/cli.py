@@ -188,7 +188,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from sls.pipeline import stage_prune
-    from sls.report import depth_distribution, selection_notes
+    from sls.report import depth_distribution, scores_line, selection_notes
 
     alpha, alphas = (args.alpha[0], args.alpha[1:]) if args.alpha else (None, None)
     record = stage_prune(args.task, alpha=alpha, alphas=alphas, criterion=args.criterion, depth=args.depth,
@@ -205,9 +205,7 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"--max-drop {search['max_drop_points']:g}: full model {100 * search['full']['val_accuracy']:.1f}% on "
               f"{search['val_images']} validation images; tried {tried}; k = {search['chosen_depth']} "
               f"(SLS's k = {search['start_depth']}); plot: {args.task}/budget.png")  # fmt: skip
-    scores = " ".join(f"{v:.2f}" for v in record["scores"])
-    print(f"scores {scores}; T = {record['threshold']:.3f}; k = {record['depth']} of "
-          f"{record['backbone']['num_blocks']} blocks; test accuracy before retraining "
+    print(f"{scores_line(record)}; test accuracy before retraining "
           f"{100 * record['results']['accuracy']['pruned_no_retrain']:.1f}%; next: sls retrain {args.task}")
     for line in selection_notes(record):
         print(line)
@@ -227,7 +225,7 @@ _NEXT_STAGE = {"finetune": "prune", "prune": "retrain", "retrain": "evaluate"}
 
 def _show(args: argparse.Namespace) -> int:
     from sls.artifact import read_record
-    from sls.report import print_summary, selection_notes
+    from sls.report import print_summary, scores_line, selection_notes
 
     record = read_record(args.task)
     stages = record.get("stages", [])
@@ -241,10 +239,7 @@ def _show(args: argparse.Namespace) -> int:
         if stages and stages[-1] in _NEXT_STAGE:
             print(f"next: sls {_NEXT_STAGE[stages[-1]]} {args.task}")
     if "scores" in record:
-        scores = " ".join(f"{v:.3f}" for v in record["scores"])
-        print(f"{record.get('criterion', 'sls')} scores, blocks 1..{len(record['scores'])}: {scores}; "
-              f"T = {record['threshold']:.3f}; k = {record['depth']} of "
-              f"{record['backbone']['num_blocks']}")  # fmt: skip
+        print(scores_line(record))
     for line in selection_notes(record):
         print(line)
     return 0

@@ -190,6 +190,13 @@ def depth_distribution(depths: list[int]) -> str:
     return ", ".join(f"k={values[i]} x{counts[i]}" for i in order)
 
 
+def scores_line(record: dict) -> str:
+    """``"sls scores, blocks 1..N: ...; T = ...; k = K of N blocks"`` for a pruned task's record."""
+    scores = " ".join(f"{v:.3f}" for v in record["scores"])
+    return (f"{record.get('criterion', 'sls')} scores, blocks 1..{len(record['scores'])}: {scores}; "
+            f"T = {record['threshold']:.3f}; k = {record['depth']} of {record['backbone']['num_blocks']} blocks")
+
+
 def selection_notes(record: dict) -> list[str]:
     """What a person should know about how firmly the rule chose k: its margin to T,
     and blocks under the stop that pass T again."""

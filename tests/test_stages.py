@@ -114,7 +114,7 @@ def test_show_reports_a_task_at_any_stage_and_writes_nothing(uninterrupted, tmp_
     assert "test accuracy" in printed and "throughput" in printed  # the run's own summary table
     scores = " ".join(f"{v:.3f}" for v in uninterrupted["scores"])
     threshold, depth = uninterrupted["threshold"], uninterrupted["depth"]
-    assert f"sls scores, blocks 1..6: {scores}; T = {threshold:.3f}; k = {depth} of 6" in printed
+    assert f"sls scores, blocks 1..6: {scores}; T = {threshold:.3f}; k = {depth} of 6 blocks" in printed
     assert f"margin to T: {uninterrupted['selection_margin']:.3f}" in printed
     assert contents(done) == before
 
