@@ -128,10 +128,12 @@ def main() -> None:
         t_pass, feats = timed(block_features, model, loader)
         passes.append(t_pass)
     t_plain, t_features = min(plains), min(passes)
-    rounds = f" (fastest of {args.rounds}: {', '.join(f'{t:.1f}' for t in plains)})" if args.rounds > 1 else ""
-    print(f"(i)   one plain forward pass:            {t_plain:7.1f} s{rounds}")
-    rounds = f" (fastest of {args.rounds}: {', '.join(f'{t:.1f}' for t in passes)})" if args.rounds > 1 else ""
-    print(f"      one pass collecting every block:   {t_features:7.1f} s{rounds}")
+
+    def each(times: list[float]) -> str:
+        return f" (fastest of {len(times)}: {', '.join(f'{t:.1f}' for t in times)})" if len(times) > 1 else ""
+
+    print(f"(i)   one plain forward pass:            {t_plain:7.1f} s{each(plains)}")
+    print(f"      one pass collecting every block:   {t_features:7.1f} s{each(passes)}")
     totals = {}
     for backend in args.tsne.split(","):
         t_scores, selector = timed(

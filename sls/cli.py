@@ -220,11 +220,9 @@ def _retrain(args: argparse.Namespace) -> int:
     return 0
 
 
-_NEXT_STAGE = {"finetune": "prune", "prune": "retrain", "retrain": "evaluate"}
-
-
 def _show(args: argparse.Namespace) -> int:
     from sls.artifact import read_record
+    from sls.pipeline import STAGES
     from sls.report import print_summary, scores_line, selection_notes
 
     record = read_record(args.task)
@@ -236,8 +234,8 @@ def _show(args: argparse.Namespace) -> int:
                                for name, value in record.get("results", {}).get("accuracy", {}).items())  # fmt: skip
         print(f"{args.task}: {record['backbone']['model']} + {record['petl']['method']} on {record['data']['name']}; "
               f"stages done: {', '.join(stages) or 'none'}; test accuracy: {accuracies or 'not measured'}")  # fmt: skip
-        if stages and stages[-1] in _NEXT_STAGE:
-            print(f"next: sls {_NEXT_STAGE[stages[-1]]} {args.task}")
+        if stages and stages[-1] in STAGES[:-1]:
+            print(f"next: sls {STAGES[STAGES.index(stages[-1]) + 1]} {args.task}")
     if "scores" in record:
         print(scores_line(record))
     for line in selection_notes(record):
