@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from sls.artifact import load_task, read_record
 from sls.backbones import block_features, create_backbone, vit
 from sls.criteria.silhouette import tsne_silhouette_block
 from sls.data import ImageDataset, load_dataset, make_splits, make_transform, stratified_subset
+from sls.experiment import load_task
 from sls.select import DepthSelector
 
 
@@ -98,9 +98,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.task:
-        record = read_record(args.task)
-        model, _ = load_task(args.task, weights=args.weights, stage="finetuned")
-        bb, cfg = record["backbone"], record["config"]
+        model, record = load_task(args.task, weights=args.weights, stage="finetuned")
+        bb, cfg = record.backbone, record.config.to_dict()
         data = load_dataset(cfg["data"])
         splits = make_splits(data, train_size=cfg["train_samples"], test_size=cfg["test_samples"])
         name, img_size, n_blocks, source = bb["model"], bb["img_size"], bb["num_blocks"], f"task {args.task}"

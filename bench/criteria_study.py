@@ -16,20 +16,29 @@ import argparse
 import time
 
 from sls.bench import throughput
+from sls.config import RunConfig
 from sls.criteria import list_criteria
-from sls.pipeline import RunConfig, finetune, prepare, prune_and_retrain, score_blocks
+from sls.experiment import Experiment
+from sls.pipeline import finetune, prune, retrain_pruned, score_blocks
+from sls.recipes import apply_recipe
+from sls.train import accuracy
+
+DEMO = apply_recipe("demo", {})
 
 
 def study(data: str, criteria: list[str], epochs: int) -> list[str]:
-    exp = prepare(RunConfig(data=data, epochs=epochs, progress=False))
-    acc_full = finetune(exp)
+    exp = Experiment.from_config(RunConfig(recipe="demo", **{**DEMO, "data": data, "epochs": epochs, "progress": False}))
+    acc_full, _ = finetune(exp)
     chosen = {}
     for criterion in criteria:
         selector = score_blocks(exp, criterion)
         chosen[criterion] = selector.depth_
     results = {}
     for depth in sorted(set(chosen.values())):
-        pruned, before, after = prune_and_retrain(exp, depth)
+        pruned = prune(exp, depth)
+        before = accuracy(pruned, exp.test_loader, progress=False)
+        retrain_pruned(exp, pruned)
+        after = accuracy(pruned, exp.test_loader, progress=False)
         results[depth] = (pruned, before, after)
     models = {"full": exp.model} | {f"k={k}": m for k, (m, _, _) in results.items()}
     speed = throughput(models, batch_size=32, img_size=exp.backbone.img_size)

@@ -24,7 +24,7 @@ import torch
 
 from sls.backbones import create_backbone, truncate
 from sls.bench import parameter_count, throughput
-from sls.runtime import Runtime, resolve_device, use_runtime
+from sls.runtime import Runtime, resolve_device
 
 MODELS = {"vit_base_patch16_224": "ViT-B/16", "swin_base_patch4_window7_224": "Swin-B"}
 SWIN_DEPTHS = (4, 8, 22)
@@ -67,13 +67,12 @@ def main() -> None:
         depths = args.swin_depths if info.family == "swin" else args.depths
         models = {"full": full} | {f"k={k}": truncate(copy.deepcopy(full), k) for k in depths}
         for precision in args.precisions.split(","):
-            runtime = Runtime(amp=precision == "amp", channels_last=args.channels_last)
+            runtime = Runtime(device=device, amp=precision == "amp", channels_last=args.channels_last)
             for model in models.values():
-                runtime.place(model, device)
+                runtime.place(model)
             for batch in args.batches:
-                with use_runtime(runtime):
-                    rates = throughput(models, batch_size=batch, img_size=info.img_size, warmup=args.warmup,
-                                       iters=args.iters, rounds=args.rounds)  # fmt: skip
+                rates = throughput(models, batch_size=batch, img_size=info.img_size, warmup=args.warmup,
+                                   iters=args.iters, rounds=args.rounds, runtime=runtime)  # fmt: skip
                 label = f"amp ({str(runtime.amp_dtype(device)).removeprefix('torch.')})" if runtime.amp else "fp32"
                 for variant, model in models.items():
                     blocks = info.num_blocks if variant == "full" else int(variant[2:])

@@ -27,7 +27,10 @@ import torch
 
 from sls.backbones import truncate
 from sls.bench import throughput
-from sls.pipeline import RunConfig, finetune, prepare, retrain_pruned, score_blocks
+from sls.config import RunConfig
+from sls.experiment import Experiment
+from sls.pipeline import finetune, retrain_pruned, score_blocks
+from sls.recipes import apply_recipe
 from sls.train import accuracy
 
 VARIANTS = {
@@ -42,10 +45,10 @@ STRATEGIES_ONLY = ("ft", "clr", "tfs", "distill")
 
 
 def bench_dataset(data: str, budgets: list[int], variants: list[str]) -> dict:
-    config = RunConfig(data=data, progress=False)
+    config = RunConfig(**apply_recipe("demo", {"data": data, "progress": False}))
     started = time.perf_counter()
-    exp = prepare(config)
-    full_test = finetune(exp)
+    exp = Experiment.from_config(config)
+    full_test, _ = finetune(exp)
     full_val = accuracy(exp.model, exp.val_loader, progress=False)
     selector = score_blocks(exp)
     depth = selector.depth_
@@ -67,6 +70,7 @@ def bench_dataset(data: str, budgets: list[int], variants: list[str]) -> dict:
           f"({result['setup_seconds']} s to fine-tune and score)", flush=True)  # fmt: skip
     for index, epochs in enumerate(budgets):
         exp.config = dataclasses.replace(config, retrain_epochs=epochs)
+        exp.resolved["retrain_epochs"] = epochs
         for name in variants if index == 0 else [v for v in variants if v in STRATEGIES_ONLY]:
             strategy, options = VARIANTS[name]
             model = truncate(copy.deepcopy(exp.model), depth)

@@ -23,6 +23,7 @@ import dataclasses
 import json
 
 import torch
+from throughput import depth_efficiency  # bench/throughput.py: Python puts this script's folder on sys.path
 from torch.utils.data import DataLoader, TensorDataset
 
 from sls import __version__
@@ -30,10 +31,9 @@ from sls.artifact import task_tensor_bytes
 from sls.backbones import create_backbone, truncate
 from sls.baselines.depgraph import depgraph_prune, ratio_for_parameter_reduction
 from sls.bench import parameter_count, state_dict_bytes
+from sls.config import RunConfig
 from sls.export import deployable_model
 from sls.petl import create_petl
-from sls.pipeline import RunConfig
-from throughput import depth_efficiency  # bench/throughput.py: Python puts this script's folder on sys.path
 
 NUM_CLASSES = 10
 

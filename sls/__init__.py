@@ -12,9 +12,13 @@ from sls.select import DepthDecision, DepthSelector, select_depth  # noqa: E402
 __all__ = ["DepthDecision", "DepthSelector", "SLSError", "select_depth", "__version__"]
 
 _LAZY = {
-    "RunConfig": "sls.pipeline",
-    "run": "sls.pipeline",
-    "load_task": "sls.artifact",
+    "RunConfig": "sls.config",
+    "run": "sls.stages",
+    "Experiment": "sls.experiment",
+    "TaskRecord": "sls.record",
+    "read_record": "sls.record",
+    "Runtime": "sls.runtime",
+    "load_task": "sls.experiment",
     "save_task": "sls.artifact",
     "create_backbone": "sls.backbones",
     "block_features": "sls.backbones",

@@ -15,13 +15,15 @@ from torch.utils.data import DataLoader
 
 from sls import __version__
 from sls._io import write_json, write_text
-from sls.artifact import load_task, read_record
+from sls._rng import seeded
 from sls.backbones import create_backbone
 from sls.criteria import criterion_class
 from sls.data import ImageDataset, load_dataset, make_splits, make_transform, stratified_subset
 from sls.errors import ConfigError
+from sls.experiment import Experiment
 from sls.features import cached_block_features, feature_key_parts
 from sls.report import plot_criteria, plot_embeddings
+from sls.runtime import Runtime
 from sls.select import DepthSelector
 
 
@@ -51,28 +53,31 @@ class AnalyzeConfig:
     progress: bool = True
 
 
-def analyze(config: AnalyzeConfig) -> dict:
-    """Score the blocks with every requested criterion; write and return the results."""
+def analyze(config: AnalyzeConfig, *, runtime: Runtime | None = None) -> dict:
+    """Score the blocks with every requested criterion; write and return the results.
+
+    The model runs where ``runtime`` says (default: the CPU); a task folder is opened
+    through :meth:`sls.experiment.Experiment.from_record`."""
     started = time.perf_counter()
     for name in config.criteria:
         criterion_class(name)  # fail on a typo before any forward pass
     if config.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {config.seeds}")
     data = load_dataset(config.data)
+    runtime = runtime or Runtime()
     if config.task:
-        record = read_record(config.task)
-        model, _ = load_task(config.task, weights=config.weights, stage="finetuned")
-        backbone = record["backbone"]
-        name, img_size = backbone["model"], backbone["img_size"]
-        mean, std, interpolation = backbone["mean"], backbone["std"], backbone["interpolation"]
+        exp, record = Experiment.from_record(config.task, weights=config.weights, runtime=runtime, with_data=False)
+        model, info = exp.model, exp.backbone
     else:
-        model, info = create_backbone(config.model, num_classes=len(data.classes), weights=config.weights,
-                                      img_size=config.img_size)  # fmt: skip
-        name, img_size, mean, std, interpolation = info.model, info.img_size, info.mean, info.std, info.interpolation
+        with seeded(config.seed):  # the fresh head's draw; the caller's generators are left alone
+            model, info = create_backbone(config.model, num_classes=len(data.classes), weights=config.weights,
+                                          img_size=config.img_size)  # fmt: skip
+        runtime.place(model.eval())
+    name, img_size, mean, std, interpolation = info.model, info.img_size, info.mean, info.std, info.interpolation
     # A task's own data is split as its run split it, so the same images are scored.
     sizes = {}
-    if config.task and record["data"]["name"] == config.data:
-        sizes = {k: record["config"].get(f"{k}_samples") for k in ("train", "test")}
+    if config.task and record.config.data == config.data:
+        sizes = {"train": record.config.train_samples, "test": record.config.test_samples}
     splits = make_splits(data, train_size=sizes.get("train"), test_size=sizes.get("test"))
     indices = stratified_subset(splits.train, data.labels, config.samples)
     transform = make_transform(img_size, mean, std, interpolation)
@@ -115,6 +120,7 @@ def analyze(config: AnalyzeConfig) -> dict:
                       "k = highest block with score >= alpha * max; over seeds: the most frequent k (ties: larger)",
         "criteria": results,
         "feature_cache_hit": cache_hit,
+        "runtime": runtime.describe(),
         "seconds": round(time.perf_counter() - started, 1),
         "config": dataclasses.asdict(config) | {"out": str(out)},
     }  # fmt: skip

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from sls.runtime import active_runtime, model_device, synchronize
+from sls.runtime import Runtime, model_device, synchronize
 
 
 @torch.inference_mode()
@@ -21,16 +21,17 @@ def throughput(
     iters: int = 5,
     rounds: int = 3,
     seed: int = 0,
+    runtime: Runtime | None = None,
 ) -> dict[str, float]:
     """Images per second of each model, measured in one run on the same input.
 
     Each model gets ``warmup`` untimed forwards, then the models take turns for
     ``rounds`` rounds of ``iters`` timed forwards each, so a slow spell of a noisy
     machine hits all of them alike; the median round is reported. Each model runs on
-    its own device, with the active runtime's precision and layout (:mod:`sls.runtime`);
+    the device it is on, with ``runtime``'s precision and layout (default: float32);
     a GPU's queue is drained before the clock is read.
     """
-    runtime = active_runtime()
+    runtime = runtime or Runtime()
     generator = torch.Generator().manual_seed(seed)
     batch = torch.randn(batch_size, 3, img_size, img_size, generator=generator)
     devices = {name: model_device(model) for name, model in models.items()}

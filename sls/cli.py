@@ -1,175 +1,105 @@
 """The ``sls`` command: parse, call the library, print.
 
-User errors (:class:`sls.SLSError`) print one line and exit with status 2.
+User errors (:class:`sls.SLSError`) print one line and exit with status 2. The run
+options come from :class:`sls.config.RunConfig` (:mod:`sls._cli_options`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import sys
 import warnings
 
 import numpy as np
 
 from sls import __version__
-from sls.errors import SLSError
-
-
-def _key_values(pairs: list[str], flag: str) -> dict:
-    """KEY=VALUE options; values are read as JSON when they parse (numbers, lists), else kept as text."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SLSError(f"{flag} wants KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
+from sls._cli_options import add_config_options, count_or, settings_from
+from sls.errors import ConfigError, SLSError
 
 ALL = "all"
-"""What ``_count_or_all`` gives for 'all' (None stands for "not given" on the command line)."""
+RUNTIME_KEYS = ("device", "amp", "channels_last")
 
 
-def _count_or_all(text: str) -> int | str:
-    if text == ALL:
-        return ALL
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+def _run_fields() -> list[str]:
+    from sls.config import config_fields
+
+    return list(config_fields())
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The RunConfig options. Every default is None ("not given"), so that a ``--recipe``
-    fills in only what the command line leaves out; the help shows RunConfig's default."""
-    from sls.petl import list_petl
-    from sls.pipeline import NORMALIZATIONS, RunConfig
-    from sls.recipes import describe_recipes, list_recipes
-    from sls.retrain import create_strategy, list_strategies
-
-    d = RunConfig()
-
-    def option(*flags: str, help: str, default_shown=None, **kwargs) -> None:
-        if default_shown is not None:
-            help = f"{help} (default: {default_shown})"
-        parser.add_argument(*flags, default=None, help=help, **kwargs)
-
-    def samples(value: int | None) -> str:
-        return ALL if value is None else str(value)
-
-    option("--recipe", choices=list_recipes(), help=f"preset of the settings below; an option given here wins: "
-           f"{describe_recipes()}")  # fmt: skip
-    option("--model", help="embedded model name or timm model name", default_shown=d.model)
-    option("--weights", help="local weights file for the timm model ('random' for random weights)")
-    option("--model-option", action="append", metavar="KEY=VALUE",
-           help="extra timm.create_model argument, e.g. depth=6 (repeatable; stored in the record)")
-    option("--data", help="mnist5k, fashion-mnist, digits, a VTAB-1k folder, an image-folder tree or a path,label CSV",
-           default_shown=d.data)  # fmt: skip
-    option("--petl", help=f"PETL method: {', '.join(list_petl())}", default_shown=d.petl)
-    option("--petl-option", action="append", metavar="KEY=VALUE", help="PETL hyper-parameter, e.g. r=16 (repeatable)")
-    option("--img-size", type=int, help="input side in pixels", default_shown=d.img_size)
-    option("--train-samples", type=_count_or_all, help="training images, or 'all'",
-           default_shown=samples(d.train_samples))
-    option("--test-samples", type=_count_or_all, help="test images, or 'all'", default_shown=samples(d.test_samples))
-    option("--analysis-samples", type=_count_or_all, help="training images the blocks are scored on, or 'all'",
-           default_shown=samples(d.analysis_samples))
-    option("--epochs", type=int, help="fine-tuning epochs", default_shown=d.epochs)
-    option("--retrain-epochs", type=int, help="retraining epochs after pruning", default_shown=d.retrain_epochs)
-    option("--no-retrain", action="store_true", help="prune without retraining")
-    strategies = "; ".join(f"{name}: {create_strategy(name).description}" for name in list_strategies())
-    option("--retrain-strategy", choices=list_strategies(), default_shown=d.retrain_strategy,
-           help=f"how to retrain after pruning, for --retrain-epochs whatever the strategy: {strategies}")
-    option("--retrain-option", action="append", metavar="KEY=VALUE",
-           help="retraining option, e.g. temperature=4, ce_weight=0.5, feature_weight=1 (distill), "
-                "lr_ratio=0.1 (ft) (repeatable)")
-    option("--max-drop", type=float, metavar="POINTS",
-           help="choose the smallest k whose retrained validation accuracy is at most POINTS below "
-                "the full model's, searching from SLS's k")
-    option("--val-samples", type=_count_or_all, help="validation images --max-drop measures on, or 'all'",
-           default_shown=samples(d.val_samples))
-    option("--lr", type=float, help="AdamW peak learning rate", default_shown=d.lr)
-    option("--weight-decay", type=float, help="AdamW weight decay", default_shown=d.weight_decay)
-    option("--warmup-epochs", type=float, help="linear warm-up before the cosine decay",
-           default_shown="a tenth of the epochs")
-    option("--min-lr", type=float, help="learning rate at the end of the cosine", default_shown="lr / 100")
-    option("--drop-path", type=float, help="stochastic depth rate of the backbone while training",
-           default_shown=d.drop_path)
-    option("--normalize", choices=NORMALIZATIONS, default_shown=d.normalize,
-           help="input mean and std: the model's pretrained config, or ImageNet's")
-    option("--batch-size", type=int, help="training batch size", default_shown=d.batch_size)
-    option("--throughput-batch", type=int, help="batch size of the throughput measurement",
-           default_shown=d.throughput_batch)
-    option("--alpha", type=float, nargs="+", metavar="A", default_shown=d.alpha,
-           help="threshold factor, T = alpha * SC_N; several values report k for each from one "
-                "scoring, the first prunes")
-    option("--tsne", choices=["sklearn", "opentsne"], help="t-SNE backend", default_shown=d.tsne)
-    option("--tsne-seeds", type=int, metavar="N", default_shown=d.tsne_seeds,
-           help="t-SNE starts to score the blocks with: mean scores, k = the most frequent k (ties: the larger)")
-    option("--depth", type=int, help="keep exactly this many blocks instead of SLS's k")
-    option("--seed", type=int, help="training seed", default_shown=d.seed)
-    option("--out", help="task folder (default: runs/<data>-<model>-<petl>-<time>)")
-    option("--skip-bad-images", action="store_true", help="leave out unreadable images (reported) instead of stopping")
-    option("--device", default_shown=d.device,
-           help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process takes its local GPU")
-    option("--amp", action="store_true", help="mixed precision: autocast to bfloat16 (float16 on GPUs "
-           "without bfloat16) for training, evaluation and throughput; block scores stay float32")
-    option("--channels-last", action="store_true", help="channels-last memory layout for the model and its input "
-           "batches")  # fmt: skip
-    option("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file of these settings (the keys of a sweep's defaults); options given here win")
+    add_config_options(parser, _run_fields())
 
 
 def _config_from(args: argparse.Namespace):
-    """RunConfig from the options given, over the ``--recipe``'s settings, over the defaults."""
-    from sls.pipeline import RunConfig
+    """RunConfig from the options given, over ``--config``'s, over the ``--recipe``'s, over the defaults."""
+    from sls.config import RunConfig
     from sls.recipes import apply_recipe
 
-    given = {
-        "model": args.model, "weights": args.weights, "data": args.data, "petl": args.petl,
-        "img_size": args.img_size, "train_samples": args.train_samples, "test_samples": args.test_samples,
-        "analysis_samples": args.analysis_samples, "epochs": args.epochs, "retrain_epochs": args.retrain_epochs,
-        "retrain": False if args.no_retrain else None, "retrain_strategy": args.retrain_strategy,
-        "max_drop": args.max_drop, "val_samples": args.val_samples, "lr": args.lr,
-        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "min_lr": args.min_lr,
-        "drop_path": args.drop_path, "normalize": args.normalize, "batch_size": args.batch_size,
-        "throughput_batch": args.throughput_batch, "tsne": args.tsne, "tsne_seeds": args.tsne_seeds,
-        "depth": args.depth, "seed": args.seed, "out": args.out, "skip_bad_images": args.skip_bad_images,
-        "device": args.device, "amp": args.amp, "channels_last": args.channels_last,
-        "progress": False if args.quiet else None,
-    }  # fmt: skip
-    settings = {key: (None if value == ALL else value) for key, value in given.items() if value is not None}
-    for key, flag, pairs in (("petl_options", "--petl-option", args.petl_option),
-                             ("retrain_options", "--retrain-option", args.retrain_option),
-                             ("model_kwargs", "--model-option", args.model_option)):  # fmt: skip
-        if pairs:
-            settings[key] = _key_values(pairs, flag)
-    if args.alpha:
-        settings["alpha"], settings["alphas"] = args.alpha[0], args.alpha[1:]
-    if args.recipe:
-        settings = apply_recipe(args.recipe, settings)
+    settings = settings_from(args, _run_fields())
+    if settings.get("recipe"):
+        settings = apply_recipe(settings["recipe"], settings)
     return RunConfig(**settings)
+
+
+def _stage_parser(commands, name: str, help: str, keys: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help)
+    parser.add_argument("task", help="task folder")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"YAML file of settings; sls {name} takes {', '.join(keys)} and where it runs")
+    add_config_options(parser, keys, default_note="the task's")
+    add_config_options(parser, (*RUNTIME_KEYS, "progress"))
+    return parser
+
+
+def _stage_settings(args: argparse.Namespace, stage: str) -> dict:
+    from sls.stages import STAGE_SETTINGS
+
+    return settings_from(args, (*STAGE_SETTINGS[stage], *RUNTIME_KEYS, "progress"))
+
+
+@contextlib.contextmanager
+def _processes(device: str | None):
+    """The torchrun session of a command that runs a model data-parallel (rank 0 prints)."""
+    from sls import distributed
+
+    with distributed.session(device or "auto"):
+        yield distributed.is_main()
+
+
+def _one_process(command: str) -> None:
+    from sls import distributed
+
+    if distributed.launched():
+        raise ConfigError(f"sls {command} runs in one process; start it without torchrun")
+
+
+def _runtime(args: argparse.Namespace):
+    from sls.runtime import Runtime
+
+    return Runtime.from_options(args.device or "auto", bool(args.amp), bool(args.channels_last))
 
 
 def _execute(config) -> int:
     import dataclasses
 
     from sls import distributed
-    from sls.pipeline import run
-    from sls.report import print_summary, selection_notes
+    from sls.report import print_summary, run_notes, selection_notes
+    from sls.stages import run
 
     # Under torchrun (WORLD_SIZE > 1) every process runs this; only rank 0 prints.
-    with distributed.session(config.device):
+    with _processes(config.device) as main:
         record = run(dataclasses.replace(config, progress=config.progress and distributed.is_main()))
-        if not distributed.is_main():
+        if not main:
             return 0
-    print_summary(record)
-    for line in selection_notes(record):
+    summary = record.to_dict()
+    print_summary(summary)
+    for line in [*selection_notes(summary), *run_notes(summary)]:
         print(line)
-    plots = "scores.png, budget.png" if "budget_search" in record else "scores.png"
-    print(f"task folder: {record['config']['out']}  (record.json, task.safetensors, scores.csv, {plots})")
+    plots = "scores.png, training.png" + (", budget.png" if record.budget_search else "")
+    print(f"task folder: {record.config.out}  (record.json, config.yaml, task.safetensors, scores.csv, {plots})")
     return 0
 
 
@@ -178,76 +108,94 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from sls.pipeline import stage_finetune
+    import dataclasses
 
-    record = stage_finetune(_config_from(args))
-    print(f"fine-tuned: test accuracy {100 * record['results']['accuracy']['full']:.1f}% with all "
-          f"{record['backbone']['num_blocks']} blocks; next: sls prune {record['config']['out']}")
+    from sls import distributed
+    from sls.report import run_notes
+    from sls.stages import stage_finetune
+
+    config = _config_from(args)
+    with _processes(config.device) as main:
+        record = stage_finetune(dataclasses.replace(config, progress=config.progress and distributed.is_main()))
+        if not main:
+            return 0
+    for line in run_notes(record.to_dict()):
+        print(line)
+    print(f"fine-tuned: test accuracy {100 * record.results['accuracy']['full']:.1f}% with all "
+          f"{record.num_blocks} blocks; next: sls prune {record.config.out}")
     return 0
 
 
+def _stage(args: argparse.Namespace, stage: str):
+    """Run ``stage`` on the task folder under torchrun's processes; the record on rank 0, else None."""
+    from sls import distributed, stages
+
+    settings = _stage_settings(args, stage)
+    progress = settings.pop("progress", True)
+    with _processes(settings.get("device")) as main:
+        record = getattr(stages, f"stage_{stage}")(args.task, progress=progress and distributed.is_main(), **settings)
+        return record if main else None
+
+
 def _prune(args: argparse.Namespace) -> int:
-    from sls.pipeline import stage_prune
     from sls.report import depth_distribution, scores_line, selection_notes
 
-    alpha, alphas = (args.alpha[0], args.alpha[1:]) if args.alpha else (None, None)
-    record = stage_prune(args.task, alpha=alpha, alphas=alphas, criterion=args.criterion, depth=args.depth,
-                         max_drop=args.max_drop, tsne_seeds=args.tsne_seeds, progress=not args.quiet)  # fmt: skip
-    if len(record["depths_per_seed"]) > 1:
-        per_seed = record["depths_per_seed"]
-        print(f"k over {len(per_seed)} t-SNE starts: {depth_distribution(per_seed)}")
-    if len(record["depth_per_alpha"]) > 1:
-        per_alpha = record["depth_per_alpha"]
-        print("k per alpha: " + ", ".join(f"alpha={row['alpha']:g}: k={row['depth']}" for row in per_alpha))
-    search = record.get("budget_search")
+    record = _stage(args, "prune")
+    if record is None:
+        return 0
+    if len(record.depths_per_seed) > 1:
+        print(f"k over {len(record.depths_per_seed)} t-SNE starts: {depth_distribution(record.depths_per_seed)}")
+    if len(record.depth_per_alpha) > 1:
+        print("k per alpha: " + ", ".join(f"alpha={row['alpha']:g}: k={row['depth']}" for row in record.depth_per_alpha))
+    search = record.budget_search
     if search:
         tried = ", ".join(f"k={row['depth']} {100 * row['val_accuracy']:.1f}%" for row in search["tried"])
         print(f"--max-drop {search['max_drop_points']:g}: full model {100 * search['full']['val_accuracy']:.1f}% on "
               f"{search['val_images']} validation images; tried {tried}; k = {search['chosen_depth']} "
               f"(SLS's k = {search['start_depth']}); plot: {args.task}/budget.png")  # fmt: skip
-    print(f"{scores_line(record)}; test accuracy before retraining "
-          f"{100 * record['results']['accuracy']['pruned_no_retrain']:.1f}%; next: sls retrain {args.task}")
-    for line in selection_notes(record):
+    summary = record.to_dict()
+    print(f"{scores_line(summary)}; test accuracy before retraining "
+          f"{100 * record.results['accuracy']['pruned_no_retrain']:.1f}%; next: sls retrain {args.task}")
+    for line in selection_notes(summary):
         print(line)
     return 0
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from sls.pipeline import stage_retrain
-
-    stage_retrain(args.task, epochs=args.retrain_epochs, strategy=args.retrain_strategy, progress=not args.quiet)
-    print(f"retrained; next: sls evaluate {args.task}")
-    return 0
-
-
-def _show(args: argparse.Namespace) -> int:
-    from sls.artifact import read_record
-    from sls.pipeline import STAGES
-    from sls.report import print_summary, scores_line, selection_notes
-
-    record = read_record(args.task)
-    stages = record.get("stages", [])
-    if "evaluate" in stages:
-        print_summary(record)
-    else:
-        accuracies = ", ".join(f"{name.replace('_', ' ')} {100 * value:.1f}%"
-                               for name, value in record.get("results", {}).get("accuracy", {}).items())  # fmt: skip
-        print(f"{args.task}: {record['backbone']['model']} + {record['petl']['method']} on {record['data']['name']}; "
-              f"stages done: {', '.join(stages) or 'none'}; test accuracy: {accuracies or 'not measured'}")  # fmt: skip
-        if stages and stages[-1] in STAGES[:-1]:
-            print(f"next: sls {STAGES[STAGES.index(stages[-1]) + 1]} {args.task}")
-    if "scores" in record:
-        print(scores_line(record))
-    for line in selection_notes(record):
-        print(line)
+    if _stage(args, "retrain") is not None:
+        print(f"retrained; next: sls evaluate {args.task}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from sls.pipeline import stage_evaluate
     from sls.report import print_summary
 
-    print_summary(stage_evaluate(args.task, progress=not args.quiet))
+    record = _stage(args, "evaluate")
+    if record is not None:
+        print_summary(record.to_dict())
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from sls.record import read_record
+    from sls.report import print_summary, run_notes, scores_line, selection_notes
+    from sls.stages import STAGES
+
+    record = read_record(args.task)
+    summary = record.to_dict()
+    if "evaluate" in record.stages:
+        print_summary(summary)
+    else:
+        accuracies = ", ".join(f"{name.replace('_', ' ')} {100 * value:.1f}%"
+                               for name, value in record.results.get("accuracy", {}).items() if value is not None)  # fmt: skip
+        print(f"{args.task}: {record.backbone['model']} + {record.petl['method']} on {record.config.data}; "
+              f"stages done: {', '.join(record.stages) or 'none'}; test accuracy: {accuracies or 'not measured'}")  # fmt: skip
+        if record.stages and record.stages[-1] in STAGES[:-1]:
+            print(f"next: sls {STAGES[STAGES.index(record.stages[-1]) + 1]} {args.task}")
+    if record.scores is not None:
+        print(scores_line(summary))
+    for line in [*selection_notes(summary), *run_notes(summary)]:
+        print(line)
     return 0
 
 
@@ -279,10 +227,13 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from sls.pipeline import RunConfig
 
-    return _execute(RunConfig(out=args.out, progress=not args.quiet))
+def _demo(args: argparse.Namespace) -> int:
+    from sls.config import RunConfig
+    from sls.recipes import apply_recipe
+
+    settings = apply_recipe("demo", {"out": args.out, "progress": not args.quiet})
+    return _execute(RunConfig(**settings))
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -292,14 +243,15 @@ def _analyze(args: argparse.Namespace) -> int:
     from sls.analyze import AnalyzeConfig, analyze
     from sls.report import depth_distribution
 
+    _one_process("analyze")
     config = AnalyzeConfig(
         model=args.model, weights=args.weights, task=args.task, data=args.data, img_size=args.img_size,
         samples=None if args.samples == ALL else args.samples,
         criteria=[c.strip() for c in args.criterion.split(",") if c.strip()],
         alpha=args.alpha, tsne=args.tsne, perplexity=args.perplexity, pca_dims=args.pca, seeds=args.seeds,
-        seed=args.seed, use_cache=not args.no_cache, out=args.out, progress=not args.quiet,
+        seed=args.seed, use_cache=not args.no_cache, out=args.out, progress=args.progress is None,
     )  # fmt: skip
-    summary = analyze(config)
+    summary = analyze(config, runtime=_runtime(args))
     table = Table(title=f"Block scores of {summary['model']} on {summary['data']['name']} "
                         f"({summary['data']['samples']} training images)")  # fmt: skip
     table.add_column("criterion")
@@ -366,15 +318,17 @@ def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from sls.artifact import read_record
     from sls.compare import compare
+    from sls.record import read_record
 
+    _one_process("compare")
     retrain_epochs = args.retrain_epochs
     if args.retrain and retrain_epochs is None:  # the budget the task's own retraining had
-        retrain_epochs = int(read_record(args.task).get("config", {}).get("retrain_epochs", 1))
+        record = read_record(args.task)
+        retrain_epochs = int(record.retrain_epochs or record.setting("retrain_epochs") or 1)
     result = compare(args.task, ratios=args.ratios, depths=args.depths, retrain_epochs=retrain_epochs,
                      weights=args.weights, n_batches=args.batches, throughput_batch=args.batch_size,
-                     progress=not args.quiet, out=args.out)  # fmt: skip
+                     progress=args.progress is None, out=args.out, runtime=_runtime(args))  # fmt: skip
     summary = result["summary"]
     table = Table(title=f"SLS (k = {summary['depth']} of {summary['num_blocks']} blocks) against DepGraph, "
                         f"batch {result['settings']['throughput_batch']}")  # fmt: skip
@@ -401,33 +355,36 @@ EXPORT_SUFFIXES = {"safetensors": ".safetensors", "torchscript": ".pt", "onnx": 
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sls.artifact import load_task
+    from sls.experiment import load_task
     from sls.export import deployable_model, export_model
 
-    model, record = load_task(args.task, weights=args.weights)
+    _one_process("export")
+    model, record = load_task(args.task, weights=args.weights, runtime=_runtime(args))
     path = Path(args.out) if args.out else Path(args.task) / "export" / f"model{EXPORT_SUFFIXES[args.format]}"
-    export_model(deployable_model(model), path, args.format, model_kwargs=record["backbone"].get("model_kwargs"))
-    print(f"{path}: {args.format}, {record['depth']} of {record['backbone']['num_blocks']} blocks, "
-          f"{_size(path.stat().st_size)}; input {record['backbone']['img_size']} px normalised with "
-          f"mean {tuple(record['backbone']['mean'])}, std {tuple(record['backbone']['std'])}")
+    export_model(deployable_model(model), path, args.format, model_kwargs=record.backbone.get("model_kwargs"))
+    backbone = record.backbone
+    print(f"{path}: {args.format}, {record.depth} of {record.num_blocks} blocks, "
+          f"{_size(path.stat().st_size)}; input {backbone['img_size']} px normalised with "
+          f"mean {tuple(backbone['mean'])}, std {tuple(backbone['std'])}")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     import torch
 
-    from sls.artifact import load_task
     from sls.data import make_transform
     from sls.data.files import read_image
+    from sls.experiment import load_task
     from sls.export import predict
 
-    model, record = load_task(args.task, weights=args.weights)
-    backbone = record["backbone"]
+    _one_process("predict")
+    model, record = load_task(args.task, weights=args.weights, runtime=_runtime(args))
+    backbone = record.backbone
     transform = make_transform(backbone["img_size"], tuple(backbone["mean"]), tuple(backbone["std"]),
                                backbone.get("interpolation", "bicubic"))  # fmt: skip
     # Every image is read before anything is printed: a bad one stops the command whole.
     images = [transform(read_image(path)) for path in args.images]
-    classes = record.get("classes") or [str(c) for c in range(record["num_classes"])]
+    classes = record.classes or [str(c) for c in range(record.num_classes)]
     for start in range(0, len(images), args.batch_size):
         labels, probabilities = predict(model, torch.stack(images[start : start + args.batch_size]))
         for path, label, row in zip(args.images[start:], labels.tolist(), probabilities):
@@ -450,28 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="stage 1: fine-tune PETL + head with all blocks into a task folder")
     _add_run_options(finetune)
     finetune.set_defaults(handler=_finetune)
-    prune = commands.add_parser("prune", help="stage 2: score the blocks of a fine-tuned task, choose k, drop the rest")
-    prune.add_argument("task", help="task folder")
-    prune.add_argument("--alpha", type=float, nargs="+", default=None, metavar="A",
-                       help="threshold factor(s); k is reported for each, the first prunes (default: the task's)")
-    prune.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
-                       help="smallest k within POINTS of the full model's validation accuracy (default: the task's)")
-    prune.add_argument("--criterion", default=None, help="layer criterion (default: the task's, sls)")
-    prune.add_argument("--depth", type=int, default=None, help="keep exactly this many blocks")
-    prune.add_argument("--tsne-seeds", type=int, default=None, metavar="N",
-                       help="t-SNE starts; k = the most frequent k over them (default: the task's, 1)")
-    prune.add_argument("--quiet", action="store_true", help="no progress bars")
-    prune.set_defaults(handler=_prune)
-    retrain = commands.add_parser("retrain", help="stage 3: retrain the kept blocks' PETL modules and the head")
-    retrain.add_argument("task", help="task folder")
-    retrain.add_argument("--retrain-epochs", type=int, default=None, help="epochs (default: the task's)")
-    retrain.add_argument("--retrain-strategy", default=None, help="ft, clr, tfs or distill (default: the task's)")
-    retrain.add_argument("--quiet", action="store_true", help="no progress bars")
-    retrain.set_defaults(handler=_retrain)
-    evaluate = commands.add_parser("evaluate", help="stage 4: accuracy, throughput, parameters and storage of a task")
-    evaluate.add_argument("task", help="task folder")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
-    evaluate.set_defaults(handler=_evaluate)
+    from sls.stages import STAGE_SETTINGS
+
+    _stage_parser(commands, "prune", "stage 2: score the blocks of a fine-tuned task, choose k, drop the rest",
+                  STAGE_SETTINGS["prune"]).set_defaults(handler=_prune)
+    _stage_parser(commands, "retrain", "stage 3: retrain the kept blocks' PETL modules and the head",
+                  STAGE_SETTINGS["retrain"]).set_defaults(handler=_retrain)
+    _stage_parser(commands, "evaluate", "stage 4: accuracy, throughput, parameters and storage of a task",
+                  STAGE_SETTINGS["evaluate"]).set_defaults(handler=_evaluate)
     show = commands.add_parser("show", help="what a task folder holds: stages done, scores, k, and the results "
                                             "measured so far (reads only; nothing is run or written)")  # fmt: skip
     show.add_argument("task", help="task folder")
@@ -494,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--task", default=None, help="a task folder: analyse its fine-tuned PETL model (all blocks)")
     analyze.add_argument("--data", default="mnist5k", help="mnist5k, fashion-mnist or digits (default: %(default)s)")
     analyze.add_argument("--img-size", type=int, default=84, help="input side without --task (default: %(default)s)")
-    analyze.add_argument("--samples", type=_count_or_all, default=1000,
+    analyze.add_argument("--samples", type=count_or(ALL), default=1000,
                          help="training images scored, or 'all' (default: %(default)s)")
     analyze.add_argument("--criterion", default="sls",
                          help=f"comma-separated criteria among {', '.join(list_criteria())} (default: %(default)s)")
@@ -506,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     analyze.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     analyze.add_argument("--out", default=None, help="output folder (default: runs/analyze-<data>-<model>-<time>)")
-    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_options(analyze, (*RUNTIME_KEYS, "progress"))
     analyze.set_defaults(handler=_analyze)
 
     data = commands.add_parser("data", help="inspect a dataset without a model")
@@ -529,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default: the task's)")
     compare.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
     compare.add_argument("--out", default=None, help="output folder (default: TASK/compare)")
-    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_options(compare, (*RUNTIME_KEYS, "progress"))
     compare.set_defaults(handler=_compare)
 
     export = commands.add_parser("export", help="write a task's pruned model as one standalone file "
@@ -538,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=list(EXPORT_SUFFIXES), help="file format")
     export.add_argument("--out", default=None, help="file to write (default: TASK/export/model.<ext>)")
     export.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
+    add_config_options(export, RUNTIME_KEYS)
     export.set_defaults(handler=_export)
 
     predict = commands.add_parser("predict", help="print the most probable class of each image with a task's model")
@@ -545,8 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL mode)")
     predict.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
     predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    add_config_options(predict, RUNTIME_KEYS)
     predict.set_defaults(handler=_predict)
     return parser
+
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -50,16 +50,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sls._io import write_json, write_text
-from sls.artifact import RECORD_FILE, WEIGHTS_FILE, load_task, read_record, task_tensor_bytes
+from sls._rng import seeded
+from sls.artifact import RECORD_FILE, WEIGHTS_FILE, task_tensor_bytes
 from sls.backbones import truncate
 from sls.baselines.depgraph import MAX_RATIO, depgraph_prune, ratio_for_parameter_reduction
 from sls.bench import parameter_count, state_dict_bytes, throughput
-from sls.data import ImageDataset, load_dataset, make_splits, make_transform
-from sls.errors import ConfigError, DataError, TaskRecordError
+from sls.errors import ConfigError, TaskRecordError
+from sls.experiment import Experiment, pruned_model
 from sls.export import deployable_model
 from sls.petl import create_petl, head_parameter_names
-from sls.pipeline import seed_everything
+from sls.record import TaskRecord
 from sls.report import plot_compare
+from sls.runtime import Runtime
 from sls.train import accuracy, train
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -79,13 +81,6 @@ class _Candidate:
     matched: str | None = None  # "task" (SLS's k), "parameters" or "throughput" (DepGraph)
     retrained: bool = False
     storage_bytes: int = 0
-
-
-@dataclass
-class _TaskData:
-    train_loader: DataLoader
-    importance_loader: DataLoader
-    test_loader: DataLoader
 
 
 def default_depths(depth: int, num_blocks: int) -> list[int]:
@@ -123,48 +118,19 @@ def ratio_at_throughput(ratios: list[float], rates: list[float], target: float) 
     return float(min(MAX_RATIO, ratios[-1] + (target - speeds[-1]) / slope))
 
 
-def _check_task(task_dir: Path, record: dict) -> bool:
-    """Refuse a task that cannot be compared; return whether its saved model was retrained."""
-    if "config" not in record:
-        raise TaskRecordError(f"{task_dir / RECORD_FILE} holds no run config; run the task again with this sls")
-    stages = record.get("stages")
-    if stages is not None and "prune" not in stages:
-        raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
-    # Records written before the stages existed held whole runs, retrained unless told not to.
-    return "retrain" in stages if stages is not None else bool(record["config"].get("retrain", True))
+def _importance_loader(exp: Experiment, n_batches: int) -> DataLoader:
+    """The same few shuffled training batches rank the channels of every DepGraph model."""
+    train_set, batch_size = exp.train_loader.dataset, exp.config.batch_size
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(exp.config.seed))
+    return DataLoader(Subset(train_set, order[: n_batches * batch_size].tolist()), batch_size=batch_size, shuffle=False,
+                      generator=torch.Generator())
 
 
-def _task_data(record: dict, n_batches: int) -> _TaskData:
-    """The task's loaders, rebuilt from its record; refuses data whose splits moved."""
-    cfg, backbone = record["config"], record["backbone"]
-    data = load_dataset(cfg["data"])
-    splits = make_splits(data, train_size=cfg["train_samples"], test_size=cfg["test_samples"])
-    recorded = record.get("data", {}).get("splits")
-    if recorded is not None and splits.describe() != recorded:
-        raise DataError(f"the splits of {cfg['data']} differ from those the task was trained on; "
-                        "the dataset changed since, so the comparison would not be on the task's test set")  # fmt: skip
-    transform = make_transform(backbone["img_size"], tuple(backbone["mean"]), tuple(backbone["std"]),
-                               backbone.get("interpolation", "bicubic"))  # fmt: skip
-    skip = bool(cfg.get("skip_bad_images", False))
-    train_set = ImageDataset(data, splits.train, transform, skip_bad=skip)
-    test_set = ImageDataset(data, splits.test, transform, skip_bad=skip)
-    batch_size = int(cfg["batch_size"])
-    shuffled = torch.Generator().manual_seed(int(cfg["seed"]))
-    # The same few shuffled training batches rank the channels of every DepGraph model.
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(int(cfg["seed"])))
-    importance_set = Subset(train_set, order[: n_batches * batch_size].tolist())
-    return _TaskData(
-        train_loader=DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=shuffled),
-        importance_loader=DataLoader(importance_set, batch_size=batch_size, shuffle=False),
-        test_loader=DataLoader(test_set, batch_size=64, shuffle=False),
-    )
-
-
-def _make_trainable(model: nn.Module, record: dict) -> nn.Module:
+def _make_trainable(model: nn.Module, record: TaskRecord) -> nn.Module:
     """Train the task's PETL method and the head of a DepGraph model, re-inserting the
     method where the pruning folded it into the backbone (LoRA, RepAdapter): fresh
     modules start as an identity update, so retraining starts from the pruned model."""
-    petl = create_petl(record["petl"]["method"], **record["petl"]["hparams"])
+    petl = create_petl(record.petl["method"], **record.petl["hparams"])
     if not any(petl.is_petl_param(name) for name, _ in model.named_parameters()):
         return petl.apply(model)
     head = head_parameter_names(model)
@@ -173,23 +139,23 @@ def _make_trainable(model: nn.Module, record: dict) -> nn.Module:
     return model
 
 
-def _retrain(model: nn.Module, data: _TaskData, record: dict, epochs: int, desc: str, progress: bool) -> None:
-    cfg = record["config"]
-    # The task's own schedule; warm-up and final rate are scaled when the epochs differ.
-    warmup = cfg.get("warmup_epochs")
+def _retrain(model: nn.Module, exp: Experiment, epochs: int, desc: str) -> None:
+    cfg = exp.config
+    # The task's own schedule; warm-up is scaled when the epochs differ.
+    warmup = cfg.warmup_epochs
     if warmup is not None:
-        warmup = float(warmup) * epochs / max(1, int(cfg["retrain_epochs"]))
-    min_lr = None if cfg.get("min_lr") is None else float(cfg["min_lr"])
-    train(model, data.train_loader, epochs=epochs, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
-          warmup_epochs=warmup, min_lr=min_lr, desc=desc, progress=progress)  # fmt: skip
+        warmup = float(warmup) * epochs / max(1, exp.retrain_epochs)
+    with seeded(cfg.seed):
+        train(model, exp.train_loader, epochs=epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=warmup,
+              min_lr=cfg.min_lr, desc=desc, progress=cfg.progress, runtime=exp.runtime)  # fmt: skip
 
 
-def _rows(candidates: list[_Candidate], data: _TaskData, *, batch_size: int, img_size: int,
-          progress: bool) -> list[dict]:  # fmt: skip
+def _rows(candidates: list[_Candidate], exp: Experiment, *, batch_size: int) -> list[dict]:
     """Accuracy, throughput (one run), parameters and storage of every candidate."""
     unique = {id(c.model): c.model for c in candidates}  # a model listed twice is measured once
-    rates = throughput({str(key): model for key, model in unique.items()}, batch_size=batch_size, img_size=img_size)
-    accuracies = {key: accuracy(model, data.test_loader, desc="test", progress=progress)
+    rates = throughput({str(key): model for key, model in unique.items()}, batch_size=batch_size,
+                       img_size=exp.backbone.img_size, runtime=exp.runtime)  # fmt: skip
+    accuracies = {key: accuracy(model, exp.test_loader, desc="test", progress=exp.config.progress, runtime=exp.runtime)
                   for key, model in unique.items()}  # fmt: skip
     full_rate = rates[str(id(candidates[0].model))]
     return [
@@ -231,6 +197,7 @@ def compare(
     throughput_batch: int | None = None,
     progress: bool = True,
     out: str | Path | None = None,
+    runtime: Runtime | None = None,
 ) -> dict:
     """Compare a task's SLS pruning with DepGraph width pruning of the same PETL model.
 
@@ -248,6 +215,7 @@ def compare(
         progress: progress bars and a line per step.
         out: folder of ``compare.json``, ``compare.csv`` and ``compare.png``;
             default: ``<task_dir>/compare``.
+        runtime: where and how every model runs and is timed (default: the CPU, float32).
 
     Returns:
         ``rows`` (one dict per model: accuracy in [0, 1], images/s, speed-up over the
@@ -266,23 +234,28 @@ def compare(
         raise ConfigError(f"DepGraph ratios must be in (0, {MAX_RATIO}], got {', '.join(map(str, ratios))}")
     if retrain_epochs is not None and retrain_epochs < 1:
         raise ConfigError(f"--retrain-epochs must be >= 1, got {retrain_epochs}")
-    record = read_record(task_dir)
-    task_retrained = _check_task(task_dir, record)
-    cfg, num_blocks, depth = record["config"], int(record["backbone"]["num_blocks"]), int(record["depth"])
+    exp, record = Experiment.from_record(task_dir, weights=weights, runtime=runtime or Runtime(),
+                                         overrides={"progress": progress})  # fmt: skip
+    if "prune" not in record.stages:
+        raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
+    with seeded(record.seed):
+        return _compare(task_dir, exp, record, ratios=ratios, depths=depths, retrain_epochs=retrain_epochs,
+                        n_batches=n_batches, throughput_batch=throughput_batch, out=out)
+
+
+def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: list[float], depths: list[int] | None,
+             retrain_epochs: int | None, n_batches: int, throughput_batch: int | None, out) -> dict:  # fmt: skip
+    task_retrained = "retrain" in record.stages
+    num_blocks, depth = record.num_blocks, int(record.depth)
     depths = sorted(set(depths) | {depth}) if depths is not None else default_depths(depth, num_blocks)
     if any(not 1 <= d <= num_blocks for d in depths):
         raise ConfigError(f"SLS depths must be in 1..{num_blocks}, got {', '.join(map(str, depths))}")
-    batch_size = int(throughput_batch or cfg.get("throughput_batch", 32))
-    img_size = int(record["backbone"]["img_size"])
-
-    def log(message: str) -> None:
-        if progress:
-            print(message)
-
-    seed_everything(int(cfg["seed"]))
-    finetuned, _ = load_task(task_dir, weights=weights, stage="finetuned")
-    task_model, _ = load_task(task_dir, weights=weights, stage="pruned")
-    data = _task_data(record, n_batches)
+    batch_size = int(throughput_batch or exp.config.throughput_batch)
+    img_size = exp.backbone.img_size
+    log = exp.log
+    finetuned = exp.model
+    task_model = pruned_model(exp, record, task_dir)
+    importance_loader = _importance_loader(exp, n_batches)
     record_bytes = (task_dir / RECORD_FILE).stat().st_size
 
     full = _Candidate("full", "full", deployable_model(finetuned), num_blocks,
@@ -305,7 +278,7 @@ def compare(
         log(f"SLS at k={other}")
         model = truncate(copy.deepcopy(finetuned), other)
         if retrain_epochs is not None:
-            _retrain(model, data, record, retrain_epochs, f"retrain SLS k={other}", progress)
+            _retrain(model, exp, retrain_epochs, f"retrain SLS k={other}")
         candidates.append(_Candidate(f"SLS k={other}", "sls", deployable_model(model), other,
                                      retrained=retrain_epochs is not None,
                                      storage_bytes=task_tensor_bytes(model) + record_bytes))  # fmt: skip
@@ -315,13 +288,13 @@ def compare(
     base = full.model
     target = parameter_count(base) - parameter_count(sls_task.model)
     log(f"DepGraph: searching the ratio that removes {target} parameters")
-    ratio_params = ratio_for_parameter_reduction(base, data.importance_loader, target)
+    ratio_params = ratio_for_parameter_reduction(base, importance_loader, target)
 
     def depgraph(ratio: float, name: str, matched: str | None = None) -> _Candidate:
         log(f"DepGraph at ratio {ratio:.4f}")
-        model = depgraph_prune(base, data.importance_loader, ratio=ratio, n_batches=n_batches)
+        model = depgraph_prune(base, importance_loader, ratio=ratio, n_batches=n_batches)
         if retrain_epochs is not None:
-            _retrain(_make_trainable(model, record), data, record, retrain_epochs, f"retrain {name}", progress)
+            _retrain(_make_trainable(model, record), exp, retrain_epochs, f"retrain {name}")
         deployable = deployable_model(model)
         return _Candidate(name, "depgraph", deployable, num_blocks, ratio=ratio, matched=matched,
                           retrained=retrain_epochs is not None, storage_bytes=state_dict_bytes(deployable))  # fmt: skip
@@ -331,7 +304,7 @@ def compare(
     measured = sorted({c.ratio: c for c in [*grid, by_params] if c.ratio > 0}.items())
     log("DepGraph: timing the ratios against SLS to match its throughput")
     calibration = throughput({"full": full.model, "sls": sls_task.model, **{str(r): c.model for r, c in measured}},
-                             batch_size=batch_size, img_size=img_size)  # fmt: skip
+                             batch_size=batch_size, img_size=img_size, runtime=exp.runtime)  # fmt: skip
     ratio_speed = ratio_at_throughput([0.0, *(r for r, _ in measured)],
                                       [calibration["full"], *(calibration[str(r)] for r, _ in measured)],
                                       calibration["sls"])  # fmt: skip
@@ -339,7 +312,7 @@ def compare(
     candidates += [by_params, by_speed, *grid]
 
     log("measuring every model: throughput in one run, then test accuracy")
-    rows = _rows(candidates, data, batch_size=batch_size, img_size=img_size, progress=progress)
+    rows = _rows(candidates, exp, batch_size=batch_size)
     named = {row["model"]: row for row in rows}
     fair, task_row = named[sls_fair.name], named[sls_task.name]
     params_row, speed_row = named[by_params.name], named[by_speed.name]
@@ -369,10 +342,11 @@ def compare(
         "summary": summary,
         "settings": {"ratios": ratios, "depths": depths, "retrain_epochs": retrain_epochs, "n_batches": n_batches,
                      "throughput_batch": batch_size, "img_size": img_size, "threads": torch.get_num_threads(),
-                     "task_retrain_epochs": cfg.get("retrain_epochs") if task_retrained else None},  # fmt: skip
+                     "device": str(exp.runtime.device), "amp": exp.runtime.amp,
+                     "task_retrain_epochs": record.retrain_epochs if task_retrained else None},  # fmt: skip
     }
     write_text(out / "compare.csv", compare_csv(rows))
-    plot_compare(out / "compare.png", rows, title=f"{record['backbone']['model']} + {record['petl']['method']} "
-                                                  f"on {cfg['data']}: SLS vs DepGraph")  # fmt: skip
+    plot_compare(out / "compare.png", rows, title=f"{record.backbone['model']} + {record.petl['method']} "
+                                                  f"on {exp.config.data}: SLS vs DepGraph")  # fmt: skip
     write_json(out / "compare.json", result)
     return result

@@ -184,7 +184,7 @@ def ordered_shard(loader: DataLoader) -> tuple[DataLoader, Callable[[torch.Tenso
     if list(sampler) != [p % n for p in positions]:
         raise RuntimeError("DistributedSampler no longer deals samples round-robin; sls.distributed needs updating")
     share = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)  # fmt: skip
+                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, generator=loader.generator)  # fmt: skip
 
     def gather(local: torch.Tensor) -> torch.Tensor:
         if len(local) != len(positions):
@@ -214,7 +214,7 @@ def shuffled_shard(loader: DataLoader) -> DataLoader:
                                  drop_last=False)  # fmt: skip
     return DataLoader(loader.dataset, batch_size=loader.batch_size // world, sampler=sampler,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      drop_last=loader.drop_last)  # fmt: skip
+                      drop_last=loader.drop_last, generator=torch.Generator())  # fmt: skip
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -1,6 +1,6 @@
 """Named presets of run settings: ``sls run --recipe vtab``.
 
-A recipe fills in the :class:`~sls.pipeline.RunConfig` settings a run does not give
+A recipe fills in the :class:`~sls.config.RunConfig` settings a run does not give
 itself: every setting given (on the command line, or in a sweep file) wins over the
 recipe, and the recipe wins over RunConfig's defaults. The resolved values, and the
 recipe's name, go into the task record like any other setting.
@@ -24,6 +24,7 @@ own loop (:func:`sls.bench.throughput`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from sls.errors import ConfigError
 from sls.vtab import vtab_task
 
@@ -103,6 +104,12 @@ RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
         Recipe(
+            name="demo",
+            description="what sls demo runs, small enough for a laptop's CPU: 84 px, 2000 training and 1000 test "
+            "images, 2 + 2 epochs (suits the embedded MNIST-5k, not a user's own set)",
+            settings=dict(img_size=84, train_samples=2000, test_samples=1000, epochs=2, retrain_epochs=2),
+        ),
+        Recipe(
             name="vtab",
             description="the paper's VTAB-1k recipe: 224 px, ImageNet normalisation, all images, AdamW 1e-3 "
             "(wd 1e-4), batch 64, 100 + 100 epochs, 10 warm-up, cosine to 1e-5, drop-path 0.1, seed 42; "
@@ -153,7 +160,7 @@ def apply_recipe(name: str, settings: dict) -> dict:
         ConfigError: an unknown recipe, or a method whose scale the recipe sets per
             dataset, on a dataset it has no scale for, without a given ``scale``.
     """
-    from sls.pipeline import RunConfig
+    from sls.config import RunConfig
 
     try:
         recipe = RECIPES[name]

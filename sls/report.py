@@ -243,6 +243,7 @@ def summary_rows(record: dict) -> list[tuple[str, str, str]]:
         rows.insert(1, (f"--max-drop {search['max_drop_points']:g}", "",
                         f"k = {search['chosen_depth']} (SLS's k = {search['start_depth']}); {len(search['tried'])} "
                         f"depth(s) tried on {search['val_images']} validation images"))  # fmt: skip
+    rows.insert(0, ("data", "", data_line(record)))
     rows += [
         (
             f"throughput (batch {res['throughput']['batch_size']})",
@@ -252,6 +253,55 @@ def summary_rows(record: dict) -> list[tuple[str, str, str]]:
         ("task storage", "", f"{res['storage_bytes']['task'] / 1e3:.1f} kB (PETL + head + k)"),
     ]
     return rows
+
+
+def data_line(record: dict) -> str:
+    """``"2000 train / 1000 test images at 84 px; fine-tune 2 epochs (126 steps), retrain 2"``."""
+    splits = record.get("data", {}).get("splits", {})
+    counts = {name: splits.get(name, {}).get("size", splits.get(name)) for name in ("train", "test")}
+    resolved = record.get("resolved") or {}
+    size = resolved.get("img_size", record["backbone"].get("img_size"))
+    epochs = resolved.get("epochs", record.get("config", {}).get("epochs"))
+    steps = ""
+    batch = record.get("config", {}).get("batch_size")
+    if isinstance(counts["train"], int) and batch:
+        steps = f" ({epochs * -(-counts['train'] // batch)} steps)"
+    retrain = record.get("retrain_epochs", resolved.get("retrain_epochs"))
+    return (f"{counts['train']} train / {counts['test']} test images at {size} px; fine-tune {epochs} epoch(s)"
+            f"{steps}" + (f", retrain {retrain}" if retrain else ""))
+
+
+def run_notes(record: dict) -> list[str]:
+    """Warnings a person must see about a run: a fine-tune that looks failed."""
+    check = record.get("finetune_check")
+    if check and not check["ok"]:
+        return [f"warning: the fine-tune looks failed: {'; '.join(check['problems'])}"]
+    return []
+
+
+def plot_training(path: str | Path, training: dict, *, title: str = "") -> Path:
+    """Loss (left) and validation accuracy (right) per epoch of each training stage."""
+    fig, (loss_ax, acc_ax) = _pyplot().subplots(1, 2, figsize=(8.4, 3.4), dpi=110)
+    for stage, rows in training.items():
+        epochs = [row["epoch"] for row in rows]
+        loss_ax.plot(epochs, [row["loss"] for row in rows], marker="o", markersize=3, label=stage)
+        val = [(row["epoch"], 100 * row["val_accuracy"]) for row in rows if row.get("val_accuracy") is not None]
+        if val:
+            acc_ax.plot(*zip(*val), marker="o", markersize=3, label=stage)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("mean training loss")
+    acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel("validation accuracy (%)")
+    if not acc_ax.lines:
+        acc_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=acc_ax.transAxes)
+    for axis in (loss_ax, acc_ax):
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, path)
 
 
 def print_summary(record: dict) -> None:

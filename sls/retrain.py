@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from sls._registry import Registry
 from sls.backbones import all_blocks, pool_tokens
 from sls.errors import ConfigError
+from sls.runtime import Runtime
 from sls.train import Schedule, train
 
 
@@ -75,6 +76,8 @@ class RetrainStrategy:
         schedule: Schedule,
         initial_state: dict[str, torch.Tensor],
         progress: bool = True,
+        runtime: Runtime | None = None,
+        after_epoch: Callable[[int, float], None] | None = None,
     ) -> list[float]:
         """Train ``model``'s trainable tensors in place.
 
@@ -87,6 +90,8 @@ class RetrainStrategy:
                 final rate).
             initial_state: the trainable tensors before fine-tuning, by name (``tfs``).
             progress: show a progress bar.
+            runtime: precision and layout of the training (:mod:`sls.runtime`).
+            after_epoch: called with (epoch, mean loss) after each epoch (see :func:`sls.train.train`).
 
         Returns:
             the mean training loss of each epoch.
@@ -115,10 +120,11 @@ class FineTune(RetrainStrategy):
     description = "go on from the fine-tuned values at a small constant rate, lr x lr_ratio"
     defaults = {"lr_ratio": 0.01}
 
-    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True):
+    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True, runtime=None,
+                after_epoch=None):
         return train(model, loader, epochs=epochs, lr=schedule.lr * self.options["lr_ratio"],
                      weight_decay=schedule.weight_decay, schedule="constant", desc="retrain (ft)",
-                     progress=progress)  # fmt: skip
+                     progress=progress, runtime=runtime, after_epoch=after_epoch)  # fmt: skip
 
 
 @register_strategy
@@ -126,9 +132,10 @@ class CyclicSchedule(RetrainStrategy):
     name = "clr"
     description = "the whole warm-up + cosine schedule again, from the fine-tuned values"
 
-    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True):
+    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True, runtime=None,
+                after_epoch=None):
         return train(model, loader, epochs=epochs, **schedule.train_kwargs(), desc="retrain (clr)",
-                     progress=progress)  # fmt: skip
+                     progress=progress, runtime=runtime, after_epoch=after_epoch)  # fmt: skip
 
 
 def reinitialise(model: nn.Module, initial_state: dict[str, torch.Tensor]) -> nn.Module:
@@ -152,10 +159,11 @@ class FromScratch(RetrainStrategy):
     name = "tfs"
     description = "PETL modules and head reset to their initial values, then the whole schedule"
 
-    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True):
+    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True, runtime=None,
+                after_epoch=None):
         reinitialise(model, initial_state)
         return train(model, loader, epochs=epochs, **schedule.train_kwargs(), desc="retrain (tfs)",
-                     progress=progress)  # fmt: skip
+                     progress=progress, runtime=runtime, after_epoch=after_epoch)  # fmt: skip
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -181,7 +189,8 @@ class Distill(RetrainStrategy):
     description = "the whole schedule, the unpruned model as a frozen teacher (soft logits at temperature T)"
     defaults = {"temperature": 2.0, "ce_weight": 0.0, "feature_weight": 0.0}
 
-    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True):
+    def retrain(self, model, *, teacher, loader, epochs, schedule, initial_state, progress=True, runtime=None,
+                after_epoch=None):
         if teacher is None:
             raise ConfigError("the distill strategy needs the unpruned fine-tuned model as its teacher")
         temperature, ce_weight = self.options["temperature"], self.options["ce_weight"]
@@ -212,7 +221,7 @@ class Distill(RetrainStrategy):
 
         try:
             return train(model, loader, epochs=epochs, **schedule.train_kwargs(), objective=objective,
-                         desc="retrain (distill)", progress=progress)  # fmt: skip
+                         desc="retrain (distill)", progress=progress, runtime=runtime, after_epoch=after_epoch)  # fmt: skip
         finally:
             for hook in hooks:
                 hook.remove()

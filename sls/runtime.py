@@ -1,14 +1,15 @@
 """Where and how the models run: the device, mixed precision and the channels-last layout.
 
-The process has one active :class:`Runtime`, like its random seed: a run sets it from
-its config (:func:`sls.pipeline.prepare` calls :func:`set_runtime`, next to seeding),
-and :func:`sls.train.train`, :func:`sls.train.predict` / ``accuracy`` and
-:func:`sls.bench.throughput` follow it, including when they are reached through
-other modules (retraining strategies, the budget search, comparisons). The default
-is float32 in the usual layout. :func:`use_runtime` sets one for a ``with`` block.
+A :class:`Runtime` is passed explicitly to what runs a model (:func:`sls.train.train`,
+:func:`sls.train.predict` / ``accuracy``, :func:`sls.bench.throughput`, the retraining
+strategies, comparisons, the analysis); there is no process-wide runtime. Without one
+those functions run float32 in the usual layout on the device the model is on.
+:meth:`Runtime.from_options` builds one from the command-line options (``--device``,
+``--amp``, ``--channels-last``) and :meth:`Runtime.place` moves a model to it.
 
-The device is not part of it: batches always go to the device the model's parameters
-are on, so a caller places the model once (:meth:`Runtime.place`).
+Batches always go to the device the model's parameters are on, so a model placed
+once runs there; a task made on one device resumes, evaluates and compares on
+another (tensors are stored and loaded on the CPU).
 
 Mixed precision (``amp``) is :func:`torch.autocast`: bfloat16 on CPU and on GPUs that
 support it, float16 (with a gradient scaler while training) on older GPUs. Block
@@ -24,7 +25,6 @@ models; it is offered for the GPU path and measured in ``bench/gpu_throughput.py
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +72,25 @@ class Runtime:
     """How the forward and backward passes run.
 
     Attributes:
+        device: where :meth:`place` puts a model (batches follow the model's device).
         amp: autocast the forward pass to 16-bit floats (see :meth:`amp_dtype`).
         channels_last: keep the model's 4-D weights and the input batches channels-last.
     """
 
+    device: torch.device = torch.device("cpu")
     amp: bool = False
     channels_last: bool = False
+
+    @classmethod
+    def from_options(cls, device: str = "auto", amp: bool = False, channels_last: bool = False) -> Runtime:
+        """The runtime of a command's ``--device`` (see :func:`resolve_device`), ``--amp``
+        and ``--channels-last``."""
+        return cls(device=resolve_device(device), amp=bool(amp), channels_last=bool(channels_last))
+
+    def describe(self) -> dict:
+        """What the record keeps of where a stage ran."""
+        return {"device": str(self.device), "amp": self.amp, "channels_last": self.channels_last,
+                "threads": torch.get_num_threads()}  # fmt: skip
 
     def amp_dtype(self, device: torch.device) -> torch.dtype | None:
         """bfloat16 on CPU and on GPUs that have it, float16 on the others; None without amp."""
@@ -105,34 +118,9 @@ class Runtime:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def place(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """Move the model to ``device`` (in place), channels-last when asked."""
-        model.to(device)
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move the model to the runtime's device (in place), channels-last when asked."""
+        model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
-
-
-_active = Runtime()
-
-
-def active_runtime() -> Runtime:
-    """The runtime that training, prediction and throughput follow now."""
-    return _active
-
-
-def set_runtime(runtime: Runtime) -> Runtime:
-    """Make ``runtime`` the process's runtime; returns the previous one."""
-    global _active
-    previous, _active = _active, runtime
-    return previous
-
-
-@contextlib.contextmanager
-def use_runtime(runtime: Runtime) -> Iterator[Runtime]:
-    """``runtime`` is the process's runtime inside the ``with`` block, the previous one after."""
-    previous = set_runtime(runtime)
-    try:
-        yield runtime
-    finally:
-        set_runtime(previous)

@@ -1,6 +1,6 @@
 """Many tasks in one command: ``sls sweep CONFIG.yaml``.
 
-A sweep file (YAML) lists tasks; each runs :func:`sls.pipeline.run` into
+A sweep file (YAML) lists tasks; each runs :func:`sls.stages.run` into
 ``<out>/<task name>/``, and a summary of all of them is written beside::
 
     out: runs/vtab                # default: runs/<file name without .yaml>
@@ -27,7 +27,7 @@ methods; its group is its ``group``, else the VTAB-1k group of its name
 (:func:`vtab_group`), else ``other``.
 
 Running again skips the tasks whose folder holds a complete run with the same
-settings and resumes the interrupted ones (:func:`sls.pipeline.run`). A task that
+settings and resumes the interrupted ones (:func:`sls.stages.run`). A task that
 fails with a user error (:class:`SLSError`) is reported and the sweep goes on.
 ``shard=(i, n)`` runs tasks i, i+n, i+2n, ... only, so n machines or GPUs can share a
 sweep; the summary always covers every task whose folder is complete.
@@ -36,7 +36,6 @@ sweep; the summary always covers every task whose folder is complete.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 from dataclasses import dataclass, field
@@ -44,11 +43,12 @@ from pathlib import Path
 
 from sls import distributed
 from sls._io import atomic_write, write_text
-from sls.artifact import RECORD_FILE, read_record
+from sls.config import RunConfig, config_fields, settings_from_mapping
 from sls.data import EMBEDDED_DATASETS
 from sls.errors import ConfigError, SLSError, TaskRecordError
-from sls.pipeline import RunConfig, changed_settings, run
 from sls.recipes import apply_recipe
+from sls.record import RECORD_FILE, read_record
+from sls.stages import changed_settings, run
 from sls.vtab import GROUPS, VTAB1K_GROUPS, vtab_group
 
 _TASK_KEYS = ("name", "group")
@@ -94,50 +94,10 @@ class SweepReport:
     files: list[Path] = field(default_factory=list)
 
 
-def _number(value, name: str, where: str) -> float:
-    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
-
-
-def _coerce(name: str, value, where: str):
-    """A YAML value as the RunConfig field wants it (YAML 1.1 reads 1e-3 as a string)."""
-    kind = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}[name]
-    if value is None:
-        if "None" not in kind:
-            raise ConfigError(f"{where}: {name} cannot be empty")
-        return None
-    if kind.startswith("float"):
-        return _number(value, name, where)
-    if kind.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: {name} must be a whole number, got {value!r}")
-    if kind == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
-    if kind == "dict" and not isinstance(value, dict):
-        raise ConfigError(f"{where}: {name} must be a mapping of options, got {value!r}")
-    if kind.startswith("list"):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {name} must be a list, got {value!r}")
-        return [_number(v, name, where) for v in value] if kind == "list[float]" else value
-    if kind.startswith("str") and not isinstance(value, str):
-        return str(value)
-    return value
-
-
 def _settings(entry: dict, where: str, extra: tuple[str, ...]) -> tuple[dict, dict]:
-    """Split a YAML mapping into RunConfig settings (checked, coerced) and the ``extra`` keys."""
-    if not isinstance(entry, dict):
-        raise ConfigError(f"{where}: expected a mapping of settings, got {entry!r}")
-    fields = {f.name for f in dataclasses.fields(RunConfig)} - set(_NOT_PER_TASK)
-    unknown = sorted(set(entry) - fields - set(extra))
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; a task takes RunConfig fields "
-                          f"({', '.join(sorted(fields))}){' and ' + ', '.join(extra) if extra else ''}")  # fmt: skip
-    settings = {k: _coerce(k, v, where) for k, v in entry.items() if k in fields}
-    return settings, {k: entry[k] for k in extra if k in entry}
+    """Split a YAML mapping into RunConfig settings (checked, converted) and the ``extra`` keys."""
+    fields = [name for name in config_fields() if name not in _NOT_PER_TASK]
+    return settings_from_mapping(entry, where, allowed=fields, extra=extra)
 
 
 def _merge(*layers: dict) -> dict:
@@ -255,7 +215,7 @@ def task_status(task: SweepTask) -> str:
         return "other settings"
     if changed_settings(task.config, record):
         return "other settings"
-    return "done" if "evaluate" in record.get("stages", []) else "partial"
+    return "done" if "evaluate" in record.stages else "partial"
 
 
 def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
@@ -293,7 +253,7 @@ def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
             say(f"{head}: FAILED: {err}")
             continue
         report.ran.append(task.name)
-        say(f"{head}: done; {_one_line(_task_row(task, record))}")
+        say(f"{head}: done; {_one_line(_task_row(task, record.to_dict()))}")
     report.rows = summary_rows(sweep, report.failed)
     if not dry_run:
         report.files = distributed.run_on_main(write_summary, sweep, report.rows)
@@ -352,7 +312,7 @@ def summary_rows(sweep: Sweep, failed: dict[str, str] | None = None) -> list[dic
         if task.name in failed:
             rows.append(_task_row(task, None, "failed", failed[task.name]))
         elif status == "done":
-            rows.append(_task_row(task, read_record(task.config.out)))
+            rows.append(_task_row(task, read_record(task.config.out).to_dict()))
         else:
             rows.append(_task_row(task, None, "pending" if status != "other settings" else status))
     methods = list(dict.fromkeys(task.method for task in sweep.tasks))

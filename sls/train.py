@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from sls import distributed
 from sls.errors import ConfigError
-from sls.runtime import active_runtime, model_device
+from sls.runtime import Runtime, model_device
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ def train(
     objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "train",
     progress: bool = True,
+    runtime: Runtime | None = None,
+    after_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the model's trainable parameters (PETL modules and head) with AdamW.
 
@@ -80,8 +82,8 @@ def train(
     stepped per update, so short runs get a whole schedule too); with
     ``schedule="constant"`` it stays at ``lr``. Frozen parameters stay untouched.
 
-    Batches go to the model's device, with the active runtime's mixed precision and
-    memory layout (:mod:`sls.runtime`; float32 by default). Inside a process group of
+    Batches go to the model's device, with ``runtime``'s mixed precision and memory
+    layout (:mod:`sls.runtime`; default: float32). Inside a process group of
     several processes (:mod:`sls.distributed`) the model trains data-parallel: each
     process takes its share of every batch and the gradients are averaged.
 
@@ -89,6 +91,8 @@ def train(
         objective: ``(images, targets) -> loss``, computed with ``model``; default:
             the cross-entropy of ``model(images)``. Not data-parallel: refused inside
             a process group.
+        after_epoch: called with (epoch from 1, its mean loss) after each epoch, on
+            every process (a validation pass); the model is back in training mode after it.
 
     Returns:
         the mean training loss of each epoch.
@@ -106,7 +110,7 @@ def train(
         raise ConfigError(f"the final learning rate must be from 0 to lr = {lr:g}, got {min_lr:g}")
     if objective is not None and distributed.active():
         raise ConfigError("a custom training objective cannot run data-parallel; run it in one process")
-    runtime, device = active_runtime(), model_device(model)
+    runtime, device = runtime or Runtime(), model_device(model)
     loader = distributed.shuffled_shard(loader)
     net = distributed.data_parallel(model)
     scaler = runtime.grad_scaler(device)
@@ -145,20 +149,24 @@ def train(
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}")
             running, seen = distributed.sum_over_processes(running, seen)
             losses.append(running / seen)
+            if after_epoch is not None:
+                after_epoch(epoch + 1, losses[-1])
+                model.train()
     model.eval()
     return losses
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, *, desc: str = "evaluate", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: DataLoader, *, desc: str = "evaluate", progress: bool = True,
+            runtime: Runtime | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Logits (float32, on the CPU) and labels of every sample in loader order.
 
-    Batches go to the model's device, with the active runtime's mixed precision and
-    memory layout (:mod:`sls.runtime`). Inside a process group each process predicts
+    Batches go to the model's device, with ``runtime``'s mixed precision and memory
+    layout (:mod:`sls.runtime`; default: float32). Inside a process group each process predicts
     its share and every process gets all of them back in order
     (:func:`sls.distributed.ordered_shard`).
     """
-    runtime, device = active_runtime(), model_device(model)
+    runtime, device = runtime or Runtime(), model_device(model)
     loader, gather = distributed.ordered_shard(loader)
     model.eval()
     logits, labels = [], []
@@ -169,7 +177,8 @@ def predict(model: nn.Module, loader: DataLoader, *, desc: str = "evaluate", pro
     return gather(torch.cat(logits)), gather(torch.cat(labels))
 
 
-def accuracy(model: nn.Module, loader: DataLoader, *, desc: str = "evaluate", progress: bool = True) -> float:
-    """Top-1 accuracy on the loader's samples, in [0, 1]."""
-    logits, labels = predict(model, loader, desc=desc, progress=progress)
+def accuracy(model: nn.Module, loader: DataLoader, *, desc: str = "evaluate", progress: bool = True,
+             runtime: Runtime | None = None) -> float:  # fmt: skip
+    """Top-1 accuracy on the loader's samples, in [0, 1] (see :func:`predict`)."""
+    logits, labels = predict(model, loader, desc=desc, progress=progress, runtime=runtime)
     return float((logits.argmax(dim=1) == labels).float().mean())

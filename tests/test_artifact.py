@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sls.artifact import RECORD_FILE, WEIGHTS_FILE, load_task, save_task, task_tensor_bytes
+from sls.artifact import RECORD_FILE, WEIGHTS_FILE, save_task, task_tensor_bytes
 from sls.backbones import create_backbone, truncate
 from sls.errors import TaskRecordError
+from sls.experiment import load_task
 from sls.petl import create_petl
 
 
@@ -35,6 +36,7 @@ def trained_task(tmp_path, petl="lora", depth=3, weights="random"):
 def test_round_trip_gives_an_identical_model(tmp_path, tiny_images, petl):
     model, task_dir = trained_task(tmp_path, petl)
     loaded, record = load_task(task_dir)
+    record = record.to_dict()
     assert record["depth"] == 3 and len(loaded.blocks) == 3
     images, _ = tiny_images
     model.eval()

@@ -12,7 +12,8 @@ from sls.cli import main
 
 TINY = ["run", "--model", "test_vit", "--weights", "random", "--data", "digits", "--img-size", "32",
         "--train-samples", "200", "--test-samples", "100", "--analysis-samples", "all", "--epochs", "1",
-        "--quiet"]  # fmt: skip
+        "--force", "--quiet"]  # fmt: skip
+# --force: one epoch on random weights is a mechanics test; the near-chance check has tests of its own.
 
 
 def test_run_writes_a_task_and_prints_the_table(tmp_path, capsys):

@@ -18,21 +18,22 @@ from safetensors.torch import load_file
 
 pytest.importorskip("torch_pruning", reason="the DepGraph baseline needs torch-pruning")
 
-from sls.artifact import load_task  # noqa: E402
 from sls.backbones import create_backbone  # noqa: E402
 from sls.baselines.depgraph import MAX_RATIO  # noqa: E402
 from sls.cli import main  # noqa: E402
 from sls.compare import compare, default_depths, ratio_at_throughput  # noqa: E402
+from sls.config import RunConfig  # noqa: E402
 from sls.data import make_transform  # noqa: E402
 from sls.data.files import to_rgb  # noqa: E402
 from sls.errors import ConfigError  # noqa: E402
+from sls.experiment import load_task  # noqa: E402
 from sls.export import deployable_model, read_export_metadata  # noqa: E402
 from sls.petl import create_petl  # noqa: E402
-from sls.pipeline import RunConfig, run  # noqa: E402
+from sls.stages import run  # noqa: E402
 
 # The tiny run of test_pipeline: the top block separates the classes, so SLS prunes (k = 3 of 6).
 TINY = dict(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200,
-            test_samples=100, analysis_samples=None, epochs=5, lr=3e-2, batch_size=16, throughput_batch=8,
+            test_samples=100, analysis_samples=None, epochs=5, retrain_epochs=2, lr=3e-2, batch_size=16, throughput_batch=8,
             progress=False)  # fmt: skip
 RATIOS = (0.2, 0.4)
 needs_onnxruntime = pytest.mark.skipif(
@@ -43,7 +44,7 @@ needs_onnxruntime = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "task"
-    record = run(RunConfig(**TINY, out=str(out)))
+    record = run(RunConfig(**TINY, out=str(out))).to_dict()
     assert 1 <= record["depth"] < 6  # the comparison below needs a pruned task
     return out, record
 
@@ -141,7 +142,7 @@ def test_compare_command_retrains_depgraph_with_the_task_budget(task, tmp_path, 
     printed = capsys.readouterr().out
     assert "storage per task, DepGraph at equal parameters / SLS:" in printed and "equal throughput" in printed
     result = json.loads((out / "compare.json").read_text())
-    assert result["settings"]["retrain_epochs"] == record["config"]["retrain_epochs"]
+    assert result["settings"]["retrain_epochs"] == record["retrain_epochs"] == 2
     assert all(row["retrained"] for row in result["rows"] if row["method"] == "depgraph")
     assert result["summary"]["sls_row"] == f"SLS k={record['depth']} (task)"
 
@@ -153,6 +154,7 @@ def test_compare_command_retrains_depgraph_with_the_task_budget(task, tmp_path, 
 def library_model(task):
     task_dir, _ = task
     model, record = load_task(task_dir)
+    record = record.to_dict()
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         return model, images, model(images)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import blob_features, silhouette_by_hand
 from sklearn.metrics import silhouette_score
 from torch.utils.data import DataLoader, TensorDataset
 
 import sls.features
-from sls.criteria import Criterion, _CRITERIA, get_criterion, list_criteria, register_criterion
+from sls.criteria import _CRITERIA, Criterion, get_criterion, list_criteria, register_criterion
 from sls.criteria.baselines import linear_cka
 from sls.errors import ConfigError, ScoreError
 from sls.select import DepthSelector, most_frequent_depth, select_depth
-
-from helpers import blob_features, silhouette_by_hand
 
 
 def test_registry_lists_every_criterion():

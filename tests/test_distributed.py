@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from sls import distributed
 from sls.backbones import block_features
-from sls.pipeline import stage_prune
 from sls.select import DepthSelector
+from sls.stages import stage_prune
 
 FEATURE_TOLERANCE = 1e-5
 """Gathered features against one process's. They come out bit-identical here; the shares
@@ -124,7 +124,7 @@ def test_sls_run_under_torchrun_matches_one_process_prune(tmp_path):
     assert record["stages"] == ["finetune", "prune", "retrain", "evaluate"]
     assert record["scores"][-1] > 0  # k is a real decision here, not the SC_N <= 0 fallback
     # One process re-prunes the folder the two processes fine-tuned: same scores, k, accuracy.
-    alone = stage_prune(shutil.copytree(task, tmp_path / "again"), progress=False)
+    alone = stage_prune(shutil.copytree(task, tmp_path / "again"), progress=False).to_dict()
     assert alone["depth"] == record["depth"]
     np.testing.assert_allclose(alone["scores"], record["scores"], atol=1e-4)
     assert alone["results"]["accuracy"]["pruned_no_retrain"] == record["results"]["accuracy"]["pruned_no_retrain"]
@@ -140,3 +140,38 @@ def test_everything_is_a_plain_call_outside_a_process_group():
     assert distributed.sum_over_processes(1.5, 2.0) == [1.5, 2.0]
     model = tiny_model()
     assert distributed.data_parallel(model) is model
+
+
+@pytest.mark.slow
+def test_stage_commands_under_torchrun_match_one_process(tmp_path):
+    """One process fine-tunes; two processes prune and evaluate one copy, one process the other."""
+    from sls.config import RunConfig
+    from sls.stages import stage_evaluate, stage_finetune
+
+    task = tmp_path / "task"
+    stage_finetune(RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=150,
+                             test_samples=61, analysis_samples=None, epochs=4, lr=0.03, batch_size=16,
+                             device="cpu", progress=False, out=str(task)))  # fmt: skip
+    two, one = shutil.copytree(task, tmp_path / "two"), shutil.copytree(task, tmp_path / "one")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sls.cli"]
+    for stage in ("prune", "evaluate"):
+        env = os.environ | {"OMP_NUM_THREADS": "1", "SLS_CACHE": str(tmp_path / f"cache-{stage}")}
+        done = subprocess.run([*launch, stage, str(two), "--device", "cpu", "--quiet"], env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if stage == "prune":
+            assert done.stdout.count("next: sls retrain") == 1  # only rank 0 prints
+    # Retraining on 2 processes a task fine-tuned on 1 would not reproduce it: one line, exit 2.
+    done = subprocess.run([*launch, "retrain", str(two), "--device", "cpu", "--quiet"], capture_output=True, text=True,
+                          timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode != 0 and "trained on 1 process(es) and this is 2" in done.stderr
+    parallel = json.loads((two / "record.json").read_text())
+    assert [(run["stage"], run["world_size"]) for run in parallel["runs"]] == [("finetune", 1), ("prune", 2),
+                                                                              ("evaluate", 2)]  # fmt: skip
+    stage_prune(one, progress=False)
+    alone = stage_evaluate(one, progress=False).to_dict()
+    assert parallel["scores"][-1] > 0  # k is a real decision here, not the SC_N <= 0 fallback
+    assert parallel["depth"] == alone["depth"]
+    np.testing.assert_allclose(parallel["scores"], alone["scores"], atol=1e-4)
+    # Test accuracy over exactly the 61 test images (no padding duplicates), as one process counts it.
+    assert parallel["results"]["accuracy"] == alone["results"]["accuracy"]

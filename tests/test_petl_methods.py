@@ -8,9 +8,10 @@ import pytest
 import timm
 import torch
 
-from sls.artifact import load_task, save_task
+from sls.artifact import save_task
 from sls.backbones import create_backbone, truncate
 from sls.errors import ConfigError
+from sls.experiment import load_task
 from sls.petl import create_petl, trainable_state
 from sls.petl.convpass import ConvBypass
 

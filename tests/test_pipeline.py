@@ -7,31 +7,32 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
-from sls.artifact import load_task
+from sls.config import RunConfig
 from sls.data import ImageDataset, load_dataset, make_transform
-from sls.pipeline import RunConfig, run
+from sls.experiment import load_task
 from sls.select import select_depth
+from sls.stages import run
 from sls.train import accuracy
 
 # Enough training for the top block to separate the classes, so SLS prunes (k = 3 here).
 TINY = dict(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200,
-            test_samples=100, analysis_samples=None, epochs=5, lr=3e-2, batch_size=16, throughput_batch=8,
+            test_samples=100, analysis_samples=None, epochs=5, retrain_epochs=2, lr=3e-2, batch_size=16, throughput_batch=8,
             progress=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "task"
-    return run(RunConfig(**TINY, out=str(out))), out
+    return run(RunConfig(**TINY, out=str(out))).to_dict(), out
 
 
 def test_task_folder_contents(tiny_run):
     record, out = tiny_run
     assert sorted(p.name for p in out.iterdir()) == [
-        "finetuned.safetensors", "record.json", "scores.csv", "scores.png", "task.safetensors"
+        "config.yaml", "finetuned.safetensors", "record.json", "scores.csv", "scores.png", "task.safetensors",
+        "training.png",
     ]
     assert json.loads((out / "record.json").read_text())["depth"] == record["depth"]
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -73,14 +74,14 @@ def test_saved_task_reproduces_the_reported_accuracy(tiny_run):
 
 def test_same_seed_same_scores_and_k(tiny_run, tmp_path):
     record, _ = tiny_run
-    again = run(RunConfig(**TINY, out=str(tmp_path / "again")))
+    again = run(RunConfig(**TINY, out=str(tmp_path / "again"))).to_dict()
     assert again["scores"] == record["scores"]
     assert again["depth"] == record["depth"]
     assert again["results"]["accuracy"] == record["results"]["accuracy"]
 
 
 def test_forced_depth_and_no_retrain(tmp_path):
-    record = run(RunConfig(**TINY | dict(epochs=1), depth=2, retrain=False, out=str(tmp_path / "t")))
+    record = run(RunConfig(**TINY | dict(epochs=1), depth=2, retrain=False, out=str(tmp_path / "t"))).to_dict()
     assert record["selected_depth"] != 2 or record["selection_reason"] == "rule"
     assert record["depth"] == 2
     assert record["results"]["accuracy"]["pruned_retrained"] is None

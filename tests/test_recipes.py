@@ -14,17 +14,20 @@ from timm.layers import DropPath
 from torchvision.transforms import Normalize
 
 from sls.cli import _config_from, build_parser, main
+from sls.config import RunConfig
 from sls.errors import ConfigError
+from sls.experiment import Experiment
 from sls.petl import create_petl
-from sls.pipeline import RunConfig, changed_settings, prepare
 from sls.recipes import VTAB_PRESETS, apply_recipe
+from sls.record import TaskRecord
+from sls.stages import changed_settings
 from sls.sweep import load_sweep
 from sls.train import cosine_schedule, train
 from sls.vtab import VTAB1K_GROUPS, vtab_task
 
 TINY = ["--model", "test_vit", "--weights", "random", "--data", "digits", "--img-size", "32",
         "--train-samples", "200", "--test-samples", "100", "--analysis-samples", "all", "--epochs", "1",
-        "--quiet"]  # fmt: skip
+        "--force", "--quiet"]  # fmt: skip
 
 
 def config_of(*argv: str) -> RunConfig:
@@ -80,7 +83,7 @@ def test_a_task_without_a_published_scale_asks_for_one(settings, message):
 
 
 def test_unknown_recipe_is_refused():
-    with pytest.raises(ConfigError, match="unknown recipe 'imagenet'; choose one of: vtab"):
+    with pytest.raises(ConfigError, match="unknown recipe 'imagenet'; choose one of: demo, vtab"):
         apply_recipe("imagenet", {})
 
 
@@ -139,7 +142,7 @@ def test_bad_schedule_settings_are_refused_before_any_training(tiny_images):
 def test_drop_path_and_imagenet_statistics_reach_the_model_and_the_record(tmp_path):
     config = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200,
                        test_samples=100, drop_path=0.1, normalize="imagenet", progress=False)  # fmt: skip
-    exp = prepare(config)
+    exp = Experiment.from_config(config)
     rates = [m.drop_prob for m in exp.model.modules() if isinstance(m, DropPath)]
     assert rates and max(rates) == pytest.approx(0.1)  # timm's linear rule, up to the last block
     assert tuple(exp.backbone.mean) == IMAGENET_DEFAULT_MEAN and tuple(exp.backbone.std) == IMAGENET_DEFAULT_STD
@@ -156,8 +159,9 @@ def test_a_record_from_before_the_new_settings_still_resumes():
     config = RunConfig()
     old = {k: v for k, v in dataclasses.asdict(config).items()
            if k not in ("warmup_epochs", "min_lr", "drop_path", "normalize", "recipe")}  # fmt: skip
-    assert changed_settings(config, {"config": old}) == []
-    assert changed_settings(dataclasses.replace(config, drop_path=0.1), {"config": old}) == ["drop_path"]
+    record = TaskRecord.from_dict({"config": old, "backbone": {}, "petl": {}, "depth": 1, "num_classes": 2})
+    assert changed_settings(config, record) == []
+    assert changed_settings(dataclasses.replace(config, drop_path=0.1), record) == ["drop_path"]
 
 
 def test_a_sweep_can_take_the_recipe(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 
@@ -12,18 +13,21 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import sls.experiment
 import sls.pipeline
 import sls.retrain
-from sls.artifact import load_task
+import sls.stages
 from sls.backbones import create_backbone, truncate
 from sls.cli import _config_from, build_parser, main
+from sls.config import RunConfig
 from sls.criteria import criterion_class
 from sls.data import Splits
 from sls.errors import ConfigError
+from sls.experiment import Experiment, load_task
 from sls.petl import create_petl
-from sls.pipeline import RunConfig, run, stage_finetune, stage_prune
 from sls.retrain import create_strategy, distillation_loss, list_strategies, search_depth
 from sls.select import select_depth
+from sls.stages import run, stage_finetune, stage_prune
 from sls.train import Schedule, accuracy
 
 TINY = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200, test_samples=100,
@@ -227,7 +231,7 @@ def test_budget_search_in_the_prune_stage_uses_the_validation_split(finetuned_ta
     val, test = set(splits.val.tolist()), set(splits.test.tolist())
     monkeypatch.setattr(sls.pipeline, "accuracy", fake_accuracy)
     monkeypatch.setattr(sls.pipeline, "retrain_pruned", counted_retrain)
-    record = stage_prune(task, max_drop=3.0, progress=False)
+    record = stage_prune(task, max_drop=3.0, progress=False).to_dict()
     search = record["budget_search"]
     assert search["full"]["val_accuracy"] == 0.91 and search["split"] == "val"
     assert search["chosen_depth"] == record["depth"] == 4  # 0.88 is within 3 points of 0.91, 0.80 is not
@@ -239,8 +243,10 @@ def test_budget_search_in_the_prune_stage_uses_the_validation_split(finetuned_ta
         assert row["val_accuracy"] == curve[row["depth"]] and row["throughput"] > 0
         assert row["within_budget"] == (row["depth"] >= 4)
     # Every accuracy that chose k was on the validation split; the test split only reports.
-    assert splits_seen[: len(tried) + 1] == [("val", 6)] + [("val", d) for d in tried]
-    assert all(split == "test" for split, _ in splits_seen[len(tried) + 1 :])
+    # (Each retraining also measures its curve on the validation split, at the same depth.)
+    collapsed = [key for key, _ in itertools.groupby(splits_seen)]
+    assert collapsed[: len(tried) + 1] == [("val", 6)] + [("val", d) for d in tried]
+    assert all(split == "test" for split, _ in collapsed[len(tried) + 1 :])
     assert (task / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((task / "record.json").read_text())["budget_search"] == search
 
@@ -273,7 +279,7 @@ def test_several_alphas_report_one_k_each_from_one_scoring(finetuned_task, tmp_p
 def test_a_budget_run_retrains_the_chosen_depth_as_the_search_did(tmp_path):
     # A budget every depth meets: the search walks down from SLS's k to 1 in doubling steps.
     config = dataclasses.replace(TINY, epochs=3, retrain_strategy="distill", max_drop=100.0, out=str(tmp_path / "t"))
-    record = run(config)
+    record = run(config).to_dict()
     search = record["budget_search"]
     assert record["depth"] == search["chosen_depth"] == 1 and search["tried"][-1]["depth"] == 1
     assert record["retrain_strategy"] == "distill" and search["retrain_strategy"] == "distill"
@@ -281,7 +287,7 @@ def test_a_budget_run_retrains_the_chosen_depth_as_the_search_did(tmp_path):
     # The task's own retraining (the retrain stage, another process in a resumed run)
     # reproduces the model the search measured at that depth.
     model, _ = load_task(tmp_path / "t")
-    exp = sls.pipeline.prepare(dataclasses.replace(config, progress=False))
+    exp = Experiment.from_config(dataclasses.replace(config, progress=False))
     assert accuracy(model, exp.val_loader, progress=False) == search["tried"][-1]["val_accuracy"]
     data = record["data"]
     assert data["val_samples"] == len(exp.val_loader.dataset) == data["splits"]["val"]["size"] == 180
@@ -293,7 +299,7 @@ def test_a_budget_needs_a_validation_split(monkeypatch, tmp_path):
         labels = np.asarray(data.labels)
         return Splits(train=np.arange(0, 1500), val=np.array([], dtype=np.int64), test=np.arange(1500, len(labels)))
 
-    monkeypatch.setattr(sls.pipeline, "make_splits", no_val)
+    monkeypatch.setattr(sls.experiment, "make_splits", no_val)
     with pytest.raises(ConfigError, match="--max-drop chooses k on a validation split, and digits has none"):
         stage_finetune(dataclasses.replace(TINY, max_drop=1.0, out=str(tmp_path / "t")))
     with pytest.raises(ConfigError, match="leave out --depth"):

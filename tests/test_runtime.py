@@ -1,4 +1,4 @@
-"""Device, mixed precision and channels-last: train, predict and throughput follow the active runtime."""
+"""Device, mixed precision and channels-last: train, predict and throughput follow the runtime they are given."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from sls.backbones import create_backbone
 from sls.bench import throughput
 from sls.cli import _config_from, build_parser
+from sls.config import RunConfig
 from sls.errors import ConfigError
+from sls.experiment import Experiment
 from sls.petl import create_petl
-from sls.pipeline import RunConfig, prepare
-from sls.runtime import Runtime, active_runtime, resolve_device, set_runtime, use_runtime
+from sls.runtime import Runtime, resolve_device
 from sls.train import predict, train
 
 
@@ -42,22 +43,22 @@ def test_amp_autocasts_the_forward_pass_to_bfloat16_on_cpu(tiny_images):
     model = tiny_lora_vit()
     reference, _ = predict(model, loader_of(images, labels), progress=False)
     dtypes = linear_output_dtypes(model)
-    with use_runtime(Runtime(amp=True)):
-        mixed, got_labels = predict(model, loader_of(images, labels), progress=False)
+    mixed, got_labels = predict(model, loader_of(images, labels), progress=False, runtime=Runtime(amp=True))
     assert set(dtypes) == {torch.bfloat16}
     assert mixed.dtype == torch.float32 and torch.equal(got_labels, labels)
     # bfloat16 keeps 8 bits of mantissa: close to float32, not equal.
     assert not torch.equal(mixed, reference)
     torch.testing.assert_close(mixed, reference, atol=0.1, rtol=0.05)
-    assert active_runtime() == Runtime()  # restored after the block
+    again, _ = predict(model, loader_of(images, labels), progress=False)  # no process-wide runtime stays behind
+    assert torch.equal(again, reference)
 
 
 def test_amp_training_updates_float32_parameters(tiny_images):
     images, labels = tiny_images
     model = tiny_lora_vit()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    with use_runtime(Runtime(amp=True)):
-        losses = train(model, loader_of(images, labels, shuffle=True), epochs=2, lr=1e-2, progress=False)
+    losses = train(model, loader_of(images, labels, shuffle=True), epochs=2, lr=1e-2, progress=False,
+                   runtime=Runtime(amp=True))  # fmt: skip
     assert all(torch.isfinite(torch.tensor(losses)))
     after = dict(model.named_parameters())
     assert all(after[n].dtype == torch.float32 for n in before)
@@ -69,20 +70,18 @@ def test_channels_last_changes_the_layout_not_the_outputs(tiny_images):
     model = tiny_lora_vit()
     reference, _ = predict(model, loader_of(images, labels), progress=False)
     runtime = Runtime(channels_last=True)
-    runtime.place(model, torch.device("cpu"))
+    runtime.place(model)
     assert model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
     assert runtime.inputs(images, torch.device("cpu")).is_contiguous(memory_format=torch.channels_last)
-    with use_runtime(runtime):
-        got, _ = predict(model, loader_of(images, labels), progress=False)
+    got, _ = predict(model, loader_of(images, labels), progress=False, runtime=runtime)
     torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_throughput_runs_under_the_active_runtime():
+def test_throughput_runs_under_the_runtime_it_is_given():
     full = tiny_lora_vit()
     dtypes = linear_output_dtypes(full)
-    with use_runtime(Runtime(amp=True, channels_last=True)):
-        rates = throughput({"full": full, "copy": copy.deepcopy(full)}, batch_size=2, img_size=32, warmup=1, iters=1,
-                           rounds=1)  # fmt: skip
+    rates = throughput({"full": full, "copy": copy.deepcopy(full)}, batch_size=2, img_size=32, warmup=1, iters=1,
+                       rounds=1, runtime=Runtime(amp=True, channels_last=True))  # fmt: skip
     assert set(rates) == {"full", "copy"} and all(rate > 0 for rate in rates.values())
     assert dtypes and set(dtypes) == {torch.bfloat16}
 
@@ -98,22 +97,15 @@ def test_devices_are_checked():
             resolve_device("cuda")
 
 
-@pytest.fixture
-def restored_runtime():
-    previous = active_runtime()
-    yield
-    set_runtime(previous)
-
-
-def test_the_run_options_reach_the_runtime_and_the_model(restored_runtime):
+def test_the_run_options_reach_the_runtime_and_the_model():
     args = build_parser().parse_args(["run", "--amp", "--channels-last", "--device", "cpu", "--model", "test_vit",
                                       "--weights", "random", "--data", "digits", "--img-size", "32",
                                       "--train-samples", "100", "--test-samples", "30", "--quiet"])  # fmt: skip
     config = _config_from(args)
     assert (config.amp, config.channels_last, config.device) == (True, True, "cpu")
     assert (RunConfig.amp, RunConfig.channels_last, RunConfig.device) == (False, False, "auto")
-    exp = prepare(config)  # sets the process's runtime, as it seeds the process
-    assert active_runtime() == Runtime(amp=True, channels_last=True)
+    exp = Experiment.from_config(config)
+    assert exp.runtime == Runtime(device=torch.device("cpu"), amp=True, channels_last=True)
     assert exp.model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -122,12 +114,11 @@ def test_train_predict_and_throughput_on_cuda_with_amp(tiny_images):
     images, labels = tiny_images
     model = tiny_lora_vit()
     reference, _ = predict(model, loader_of(images, labels), progress=False)
-    runtime = Runtime(amp=True, channels_last=True)
-    runtime.place(model, resolve_device("cuda"))
-    with use_runtime(runtime):
-        got, _ = predict(model, loader_of(images, labels), progress=False)
-        train(model, loader_of(images, labels, shuffle=True), epochs=1, lr=1e-2, progress=False)
-        rates = throughput({"full": model}, batch_size=4, img_size=32, warmup=1, iters=2, rounds=1)
+    runtime = Runtime(device=resolve_device("cuda"), amp=True, channels_last=True)
+    runtime.place(model)
+    got, _ = predict(model, loader_of(images, labels), progress=False, runtime=runtime)
+    train(model, loader_of(images, labels, shuffle=True), epochs=1, lr=1e-2, progress=False, runtime=runtime)
+    rates = throughput({"full": model}, batch_size=4, img_size=32, warmup=1, iters=2, rounds=1, runtime=runtime)
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, reference, atol=0.1, rtol=0.05)
     assert next(model.parameters()).device.type == "cuda" and rates["full"] > 0

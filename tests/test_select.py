@@ -7,13 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import blob_features, silhouette_by_hand
 from sklearn.manifold import TSNE
 from sklearn.preprocessing import MinMaxScaler
 
 from sls import DepthSelector, select_depth
 from sls.errors import ConfigError, ScoreError
-
-from helpers import blob_features, silhouette_by_hand
 
 
 def test_scores_match_an_independent_sklearn_computation():

@@ -12,19 +12,21 @@ import torch
 
 import sls.pipeline
 import sls.retrain
+import sls.stages
 from sls.backbones import create_backbone
 from sls.cli import main
+from sls.config import RunConfig
 from sls.errors import ConfigError, TaskRecordError
-from sls.pipeline import RunConfig, run, stage_finetune, stage_prune
+from sls.stages import run, stage_finetune, stage_prune
 
 TINY = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200, test_samples=100,
-                 analysis_samples=None, epochs=5, lr=3e-2, batch_size=16, throughput_batch=8, progress=False)  # fmt: skip
+                 analysis_samples=None, epochs=5, retrain_epochs=2, lr=3e-2, batch_size=16, throughput_batch=8, progress=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "task"
-    return run(dataclasses.replace(TINY, out=str(out)))
+    return run(dataclasses.replace(TINY, out=str(out))).to_dict()
 
 
 def same_outcome(a: dict, b: dict) -> None:
@@ -36,7 +38,7 @@ def same_outcome(a: dict, b: dict) -> None:
 def test_stage_commands_chain_to_the_same_result_as_run(uninterrupted, tmp_path, capsys):
     task = tmp_path / "task"
     args = ["--model", "test_vit", "--weights", "random", "--data", "digits", "--img-size", "32", "--train-samples",
-            "200", "--test-samples", "100", "--analysis-samples", "all", "--epochs", "5", "--lr", "0.03",
+            "200", "--test-samples", "100", "--analysis-samples", "all", "--epochs", "5", "--retrain-epochs", "2", "--lr", "0.03",
             "--batch-size", "16", "--quiet", "--out", str(task)]  # fmt: skip
     assert main(["finetune", *args]) == 0
     assert "next: sls prune" in capsys.readouterr().out
@@ -73,12 +75,12 @@ def test_a_killed_run_resumes_from_its_last_stage(uninterrupted, tmp_path, monke
     assert json.loads((tmp_path / "task" / "record.json").read_text())["stages"] == ["finetune", "prune"]
     assert not [p for p in (tmp_path / "task").iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()
-    resumed = run(config)
+    resumed = run(config).to_dict()
     same_outcome(resumed, uninterrupted)
 
 
 def test_two_runs_with_the_same_seed_are_identical(uninterrupted, tmp_path):
-    again = run(dataclasses.replace(TINY, out=str(tmp_path / "again")))
+    again = run(dataclasses.replace(TINY, out=str(tmp_path / "again"))).to_dict()
     same_outcome(again, uninterrupted)
 
 
@@ -119,7 +121,7 @@ def test_show_reports_a_task_at_any_stage_and_writes_nothing(uninterrupted, tmp_
     assert contents(done) == before
 
     halfway = tmp_path / "halfway"
-    record = stage_finetune(dataclasses.replace(TINY, epochs=1, out=str(halfway)))
+    record = stage_finetune(dataclasses.replace(TINY, epochs=1, out=str(halfway))).to_dict()
     assert main(["show", str(halfway)]) == 0
     printed = capsys.readouterr().out
     assert f"stages done: finetune; test accuracy: full {100 * record['results']['accuracy']['full']:.1f}%" in printed
@@ -146,7 +148,7 @@ def test_stages_out_of_order(tmp_path):
         stage_prune(tmp_path, progress=False)
     stage_finetune(dataclasses.replace(TINY, epochs=1, out=str(tmp_path / "t")))
     with pytest.raises(TaskRecordError, match="is not pruned yet"):
-        sls.pipeline.stage_retrain(tmp_path / "t", progress=False)
+        sls.stages.stage_retrain(tmp_path / "t", progress=False)
 
 
 def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys):

@@ -12,11 +12,12 @@ import pytest
 import sls.sweep
 from sls.cli import main
 from sls.errors import ConfigError, DataError
+from sls.record import TaskRecord
 from sls.sweep import VTAB1K_GROUPS, load_sweep, parse_shard, run_sweep, vtab_group
 
 TINY = {"model": "test_vit", "weights": "random", "data": "digits", "img_size": 32, "train_samples": 100,
         "test_samples": 30, "analysis_samples": None, "epochs": 1, "retrain_epochs": 1, "perplexity": 10,
-        "lr": 0.03, "batch_size": 16, "throughput_batch": 4, "device": "cpu"}  # fmt: skip
+        "lr": 0.03, "batch_size": 16, "throughput_batch": 4, "device": "cpu", "force": True}  # fmt: skip
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -68,8 +69,8 @@ def test_vtab_1k_expands_to_19_tasks_and_a_default_out(tmp_path):
 @pytest.mark.parametrize(("text", "message"), [
     ("tasks: [digits, digits]", "several tasks are named digits"),
     ("tasks: [{data: digits, lrr: 1}]", "unknown setting"),
-    ("tasks: [{data: digits, epochs: two}]", "epochs must be a whole number"),
-    ("tasks: [{data: digits, lr: fast}]", "lr must be a number"),
+    ("tasks: [{data: digits, epochs: two}]", "epochs: input should be a valid integer"),
+    ("tasks: [{data: digits, lr: fast}]", "lr: input should be a valid number"),
     ("tasks: [{data: digits, out: x}]", "unknown setting"),
     ("tasks: [{name: a/b, data: digits}]", "plain folder name"),
     ("task: [digits]", "unknown key"),
@@ -90,7 +91,7 @@ def test_shards_are_checked():
 
 
 def fake_run(results: dict):
-    """Stands for sls.pipeline.run: writes a complete record with the given results per task."""
+    """Stands for sls.stages.run: writes a complete record with the given results per task."""
     calls = []
 
     def run(config):
@@ -106,7 +107,7 @@ def fake_run(results: dict):
                               "throughput": {"full": 100.0, "pruned": 100.0 * speedup}, "storage_bytes": {"task": storage}}}  # fmt: skip
         Path(config.out).mkdir(parents=True, exist_ok=True)
         (Path(config.out) / "record.json").write_text(json.dumps(record))
-        return record
+        return TaskRecord.from_dict(record)
 
     return run, calls
 

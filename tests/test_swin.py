@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-
 from helpers import images_for, loader_of
 
-from sls.artifact import load_task, save_task
+from sls.artifact import save_task
 from sls.backbones import all_blocks, block_features, create_backbone, num_blocks, truncate
 from sls.bench import parameter_count
 from sls.errors import ConfigError
+from sls.experiment import load_task
 from sls.petl import create_petl, trainable_state
 
 SWIN = "swin_tiny_patch4_window7_224"

@@ -11,13 +11,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from helpers import images_for, loader_of
 
-from sls.artifact import load_task, save_task
+from sls.artifact import save_task
 from sls.backbones import block_features, create_backbone, fingerprint, num_blocks, truncate
 from sls.bench import parameter_count
 from sls.errors import ConfigError
+from sls.experiment import load_task
 from sls.petl import create_petl, trainable_state
 
 SMALL = dict(depth=3, embed_dim=48, num_heads=3)

@@ -411,3 +411,17 @@ def block_features(
         labels=gather(torch.cat(labels)).numpy().astype(np.int64),
         block_input=gather(torch.cat(first_input)).numpy(),
     )
+
+
+def pretrained_input_size(model: str) -> int:
+    """The input side of an embedded or timm model's pretrained config (224 when it has none)."""
+    import timm
+
+    from sls.backbones.embedded import EMBEDDED_MODELS
+
+    name = EMBEDDED_MODELS[model].timm_name if model in EMBEDDED_MODELS else model
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # an unknown name: create_backbone says so in one line
+        cfg = None
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224

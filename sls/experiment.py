@@ -1,0 +1,243 @@
+"""The one experiment builder: a run's data, loaders and model, from a config or a task folder.
+
+:meth:`Experiment.from_config` builds a new run (fresh head and PETL modules, seeded);
+:meth:`Experiment.from_record` rebuilds a task folder's run from its record, the same
+way, with the fine-tuned tensors loaded, the backbone's fingerprint and the data's
+splits checked against the record. Every command that opens a task folder to run its
+model goes through :meth:`~Experiment.from_record`: the stages, ``compare``,
+``analyze --task``, ``export`` and ``predict`` (those two without the data).
+
+The model is placed on the :class:`~sls.runtime.Runtime`'s device; the caller's random
+generators are left as they were (:func:`sls._rng.seeded`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sls._rng import seeded
+from sls.artifact import FINETUNED_FILE, STAGE_FILES, WEIGHTS_FILE, check_fingerprint, load_tensors, record_weights
+from sls.backbones import BackboneInfo, create_backbone, pretrained_input_size, truncate
+from sls.config import RunConfig, resolve
+from sls.data import (
+    EMBEDDED_DATASETS,
+    ImageDataset,
+    ImageSource,
+    Splits,
+    load_dataset,
+    make_splits,
+    make_transform,
+    stratified_subset,
+)
+from sls.errors import ConfigError, DataError, ScoreError, TaskRecordError
+from sls.petl import PETLMethod, create_petl
+from sls.record import TaskRecord, read_record
+from sls.runtime import Runtime
+
+EVAL_BATCH = 64
+
+
+@dataclass
+class Experiment:
+    """Everything a run builds before training: data, splits, loaders, backbone, PETL model."""
+
+    config: RunConfig
+    runtime: Runtime
+    resolved: dict
+    backbone: BackboneInfo
+    petl: PETLMethod
+    model: nn.Module
+    data: ImageSource | None = None
+    splits: Splits | None = None
+    train_loader: DataLoader | None = None
+    test_loader: DataLoader | None = None
+    analysis_loader: DataLoader | None = None
+    val_loader: DataLoader | None = None
+    analysed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The trainable tensors as initialised, before any training (the ``tfs`` strategy resets to them)."""
+
+    def log(self, message: str) -> None:
+        if self.config.progress:
+            print(message)
+
+    @property
+    def epochs(self) -> int:
+        return self.resolved["epochs"]
+
+    @property
+    def retrain_epochs(self) -> int:
+        return self.resolved["retrain_epochs"]
+
+    @classmethod
+    def from_config(cls, config: RunConfig, runtime: Runtime | None = None) -> Experiment:
+        """A new run: deterministic stratified splits, the model's transform, the backbone
+        with a fresh head and PETL modules inserted (only they and the head train)."""
+        config.validate()
+        runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
+        data = load_dataset(config.data)
+        splits = make_splits(data, train_size=config.train_samples, test_size=config.test_samples)
+        resolved = resolve(config, embedded_data=config.data in EMBEDDED_DATASETS,
+                           pretrained_size=pretrained_input_size(config.model), n_train=len(splits.train))  # fmt: skip
+        model, backbone, petl, initial = _build_model(config, len(data.classes), config.model, config.weights,
+                                                      resolved["img_size"], config.model_kwargs)  # fmt: skip
+        if config.normalize == "imagenet":
+            backbone = dataclasses.replace(backbone, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        exp = cls(config, runtime, resolved, backbone, petl, runtime.place(model), initial_state=initial)
+        exp._attach_data(data, splits)
+        exp.log(f"{backbone.model}: {backbone.num_blocks} blocks at {backbone.img_size}px; {config.data}: "
+                f"{len(splits.train)} train / {len(splits.test)} test images, {len(data.classes)} classes; "
+                f"{exp.epochs} fine-tuning epoch(s) of {len(exp.train_loader)} steps on {runtime.device}")  # fmt: skip
+        return exp
+
+    @classmethod
+    def from_record(cls, task_dir: str | Path, *, overrides: dict | None = None, runtime: Runtime | None = None,
+                    weights: str | Path | None = None, with_data: bool = True,
+                    tensors: str | None = FINETUNED_FILE) -> tuple[Experiment, TaskRecord]:  # fmt: skip
+        """A task folder's run, rebuilt from its record with the fine-tuned tensors loaded.
+
+        Args:
+            overrides: settings that replace the record's (a later stage's options).
+            runtime: where the model runs; default: the (overridden) config's device.
+            weights: the backbone's weights file; default: the record's.
+            with_data: also rebuild the data and loaders (and check the splits did not move).
+            tensors: the task file loaded into the model (None: the fresh PETL modules and head).
+
+        Raises:
+            TaskRecordError: no fine-tuned run in the folder, or another backbone.
+            DataError: the dataset's splits differ from the record's.
+        """
+        task_dir = Path(task_dir)
+        record = read_record(task_dir)
+        if "finetune" not in record.stages:
+            raise TaskRecordError(f"{task_dir} holds no fine-tuned run; start with `sls finetune` or `sls run`")
+        config = dataclasses.replace(record.config, **{k: v for k, v in (overrides or {}).items() if v is not None})
+        config.validate()
+        runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
+        saved = record.backbone
+        resolved = {"img_size": int(saved["img_size"]), **record.resolved}
+        resolved.setdefault("epochs", record.config.epochs)
+        for name in ("epochs", "retrain_epochs"):  # a stage's own option wins over the recorded value
+            if (overrides or {}).get(name) is not None:
+                resolved[name] = int(overrides[name])
+        resolved.setdefault("retrain_epochs", config.retrain_epochs or resolved["epochs"])
+        model, backbone, petl, initial = _build_model(config, record.num_classes, saved["model"],
+                                                      weights or record_weights(record), int(saved["img_size"]),
+                                                      saved.get("model_kwargs"), record.petl)  # fmt: skip
+        check_fingerprint(backbone.fingerprint, record, task_dir, backbone.weights)
+        backbone = dataclasses.replace(backbone, mean=tuple(saved["mean"]), std=tuple(saved["std"]),
+                                       interpolation=saved.get("interpolation", backbone.interpolation))  # fmt: skip
+        if tensors is not None:
+            load_tensors(model, task_dir / tensors)
+        exp = cls(config, runtime, resolved, backbone, petl, runtime.place(model.eval()), initial_state=initial)
+        if with_data:
+            data = load_dataset(config.data)
+            splits = make_splits(data, train_size=config.train_samples, test_size=config.test_samples)
+            recorded = record.data.get("splits")
+            if recorded is not None and splits.describe() != recorded:
+                raise DataError(f"the splits of {config.data} differ from those task {task_dir} was trained on; "
+                                "the dataset changed since, so its figures would not be on the task's images")  # fmt: skip
+            exp._attach_data(data, splits)
+        return exp, record
+
+    def _attach_data(self, data: ImageSource, splits: Splits) -> None:
+        config, backbone = self.config, self.backbone
+        if config.max_drop is not None and len(splits.val) == 0:
+            raise ConfigError(f"--max-drop chooses k on a validation split, and {config.data} has none; give it one "
+                              "(VTAB-1k val200.txt, a val/ folder, 'val' rows in a CSV split column) or leave out --max-drop")  # fmt: skip
+        if config.depth is not None and not 1 <= config.depth <= backbone.num_blocks:
+            raise ConfigError(f"--depth {config.depth} is out of range: the model has blocks 1..{backbone.num_blocks}")
+        transform = make_transform(backbone.img_size, backbone.mean, backbone.std, backbone.interpolation)
+        skip = config.skip_bad_images
+        train_set = ImageDataset(data, splits.train, transform, skip_bad=skip)
+        test_set = ImageDataset(data, splits.test, transform, skip_bad=skip)
+        shuffled = torch.Generator().manual_seed(config.seed)
+        self.train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=shuffled)
+        # The analysis pass sees every analysed training image once, in order, nothing dropped.
+        self.analysed = stratified_subset(train_set.indices, data.labels, config.analysis_samples)
+        self.analysis_loader = _in_order(ImageDataset(data, self.analysed, transform))
+        if config.criterion == "sls" and config.depth is None and len(self.analysed) <= 3 * config.perplexity:
+            # Found now, not after the fine-tuning: t-SNE could not score the blocks.
+            raise ScoreError(
+                f"t-SNE with perplexity {config.perplexity:g} needs more than {3 * config.perplexity:g} samples, "
+                f"got {len(self.analysed)} training images; use more images or a smaller perplexity"
+            )
+        self.test_loader = _in_order(test_set)
+        skipped = train_set.skipped + test_set.skipped
+        if len(splits.val):
+            val_set = ImageDataset(data, stratified_subset(splits.val, data.labels, config.val_samples), transform,
+                                   skip_bad=skip)  # fmt: skip
+            self.val_loader = _in_order(val_set)
+            skipped += val_set.skipped
+        for item, reason in skipped:
+            print(f"sls: skipped {data.item_name(item)}: {reason}")
+        self.data, self.splits = data, splits
+
+
+def _in_order(dataset) -> DataLoader:
+    # A loader without a generator draws its workers' base seed from torch's global one at
+    # every pass; its own keeps the caller's generator untouched.
+    return DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False, generator=torch.Generator())
+
+
+def _build_model(config: RunConfig, num_classes: int, model_name: str, weights, img_size: int,
+                 model_kwargs: dict | None, petl: dict | None = None) -> tuple[nn.Module, BackboneInfo, PETLMethod, dict]:  # fmt: skip
+    """Backbone with a fresh head and the PETL modules, drawn from the run's seed; and
+    the trainable tensors as drawn."""
+    with seeded(config.seed):
+        model, backbone = create_backbone(model_name, num_classes=num_classes, weights=weights,
+                                          img_size=img_size, drop_path_rate=config.drop_path,
+                                          model_kwargs=model_kwargs)  # fmt: skip
+        petl = petl or {"method": config.petl, "hparams": config.petl_options}
+        petl = create_petl(petl["method"], **petl["hparams"])
+        petl.apply(model)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return model, backbone, petl, initial
+
+
+
+def load_task(task_dir: str | Path, *, weights: str | Path | None = None, stage: str = "pruned",
+              runtime: Runtime | None = None) -> tuple[nn.Module, TaskRecord]:  # fmt: skip
+    """Rebuild a task's model from the shared backbone and the task folder (no data needed).
+
+    Args:
+        task_dir: a task folder.
+        weights: the backbone's weights file; default: the record's (the embedded
+            model's cache for embedded models).
+        stage: ``"pruned"`` (the task: k blocks) or ``"finetuned"`` (all N blocks
+            with their PETL modules, before pruning).
+        runtime: where the model goes (default: the CPU).
+
+    Returns:
+        the model in eval mode, and the record.
+
+    Raises:
+        TaskRecordError: the folder is incomplete or not pruned yet, or the backbone's
+            fingerprint differs from the one the task was trained on.
+    """
+    if stage not in STAGE_FILES:
+        raise TaskRecordError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGE_FILES)}")
+    exp, record = Experiment.from_record(task_dir, weights=weights, with_data=False, runtime=runtime or Runtime(),
+                                         tensors=FINETUNED_FILE if stage == "finetuned" else None)  # fmt: skip
+    if stage == "finetuned":
+        return exp.model, record
+    if "prune" not in record.stages:
+        raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
+    return load_tensors(truncate(exp.model, int(record.depth)), Path(task_dir) / WEIGHTS_FILE).eval(), record
+
+
+def pruned_model(exp: Experiment, record: TaskRecord, task_dir: Path) -> nn.Module:
+    """A copy of the fine-tuned model cut to the record's k, with the task's tensors loaded."""
+    if "prune" not in record.stages:
+        raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
+    pruned = truncate(copy.deepcopy(exp.model), int(record.depth))
+    return load_tensors(pruned, task_dir / WEIGHTS_FILE).eval()

@@ -1,0 +1,284 @@
+"""The stages of a run over one task folder, and resuming a run where it stopped.
+
+Each stage opens the folder through :meth:`Experiment.from_record` (the first one
+builds it with :meth:`Experiment.from_config`), runs its part of :mod:`sls.pipeline`
+and writes the folder back (tensors first, record last, atomically), so a killed run
+resumes from its last completed stage and ends as an uninterrupted run would.
+
+A later stage may change only its own settings (:data:`STAGE_SETTINGS`) and where it
+runs (``device``, ``amp``, ``channels_last``); the record keeps, per stage, where it
+ran and on how many processes. Under ``torchrun`` every process runs the stage
+data-parallel and only the main one writes; a training stage (fine-tune, retrain,
+prune with ``max_drop``) on another number of processes than the task's first
+training would not reproduce it and is refused in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from sls import __version__, distributed
+from sls._io import write_text
+from sls.artifact import save_task, task_tensor_bytes
+from sls.bench import parameter_count, throughput
+from sls.config import NOT_COMPARED, RUNTIME_KEYS, RunConfig, config_fields, config_yaml, default_out_dir, nearest
+from sls.errors import ConfigError
+from sls.experiment import Experiment, pruned_model
+from sls.pipeline import (
+    budget_search,
+    check_finetune,
+    decisions_per_alpha,
+    finetune,
+    prune,
+    retrain_pruned,
+    score_blocks,
+)
+from sls.record import RECORD_FILE, TaskRecord, read_record
+from sls.report import plot_budget, plot_scores, plot_training, write_scores_csv
+from sls.retrain import create_strategy
+from sls.runtime import Runtime
+from sls.train import accuracy
+
+STAGES = ("finetune", "prune", "retrain", "evaluate")
+STAGE_SETTINGS = {
+    "prune": ("alpha", "alphas", "criterion", "tsne", "perplexity", "tsne_seed", "tsne_seeds", "depth", "max_drop",
+              "val_samples", "analysis_samples", "force", "throughput_batch"),
+    "retrain": ("retrain_epochs", "retrain_strategy", "retrain_options"),
+    "evaluate": ("throughput_batch",),
+}
+"""The settings a later stage may set (besides where it runs); the others were fixed by the fine-tune."""
+CONFIG_FILE = "config.yaml"
+
+
+def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None) -> tuple[Experiment, TaskRecord]:
+    allowed = (*STAGE_SETTINGS[stage], *RUNTIME_KEYS, "progress")
+    for key in settings:
+        if key not in allowed:
+            where = "a setting of the fine-tune" if key in config_fields() else "not a setting"
+            raise ConfigError(f"sls {stage} cannot set {key!r} ({where}){nearest(key, allowed)}; "
+                              f"it takes {', '.join(STAGE_SETTINGS[stage])}")  # fmt: skip
+    trains = stage == "retrain" or (stage == "prune" and settings.get("max_drop") is not None)
+    record = read_record(task_dir)
+    if stage == "prune" and record.config.max_drop is not None and "max_drop" not in settings:
+        trains = True
+    if trains and record.world_size not in (None, distributed.world_size()):
+        raise ConfigError(f"{task_dir} was trained on {record.world_size} process(es) and this is "
+                          f"{distributed.world_size()}: training here would not reproduce an uninterrupted run; "
+                          f"run it on {record.world_size} (torchrun --nproc-per-node) or start a new --out")  # fmt: skip
+    return Experiment.from_record(task_dir, overrides=settings, runtime=runtime)
+
+
+def _ran(record: TaskRecord, exp: Experiment, stage: str, started: float) -> None:
+    record.config = exp.config
+    record.runs.append({"stage": stage, **exp.runtime.describe(), "world_size": distributed.world_size(),
+                        "seconds": round(time.perf_counter() - started, 1)})  # fmt: skip
+
+
+def _save(task_dir: Path, model, record: TaskRecord, **kwargs) -> None:
+    def write() -> None:
+        save_task(task_dir, model, record, **kwargs)
+        write_text(task_dir / CONFIG_FILE, config_yaml(record.config, record.resolved))
+        if record.training:
+            plot_training(task_dir / "training.png", record.training,
+                          title=f"{record.backbone['model']} + {record.petl['method']} on {record.config.data}")
+
+    distributed.run_on_main(write)
+
+
+def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
+    """Stage 1: fine-tune the PETL modules and head with all N blocks; save the task folder."""
+    started = time.perf_counter()
+    out = Path(config.out) if config.out else distributed.run_on_main(default_out_dir, config)  # one time stamp
+    check_writable(out)
+    exp = Experiment.from_config(config, runtime)
+    full, curve = finetune(exp)
+    check = check_finetune(curve, full, len(exp.data.classes))
+    if not check["ok"]:
+        exp.log(f"sls: warning: the fine-tune looks failed: {'; '.join(check['problems'])}")
+    splits = exp.splits
+    record = TaskRecord(
+        backbone=exp.backbone.to_dict(), petl={"method": exp.petl.name, "hparams": exp.petl.hparams},
+        num_classes=len(exp.data.classes), depth=exp.backbone.num_blocks,
+        config=dataclasses.replace(config, out=str(out)), classes=list(exp.data.classes), seed=config.seed,
+        data={"name": config.data, "source": exp.data.source, "splits": splits.describe(),
+              "analysed_train_samples": int(len(exp.analysed)),
+              "val_samples": int(len(exp.val_loader.dataset)) if exp.val_loader is not None else 0,
+              "used_for": {"train": "fine-tuning, block scores, retraining",
+                           "val": "training curves; choosing k under --max-drop (a stratified subset of at most "
+                                  "val_samples)", "test": "every reported accuracy"},
+              "split_rule": ("the dataset's own splits" if exp.data.splits is not None else
+                             "stratified, seed 0: 20% test, 10% val, rest train") + "; then stratified subsets"},
+        stages=["finetune"], results={"accuracy": {"full": full}}, resolved=dict(exp.resolved),
+        training={"finetune": curve}, finetune_check=check, sls_version=__version__,
+    )  # fmt: skip
+    _ran(record, exp, "finetune", started)
+    record.config = dataclasses.replace(record.config, out=str(out))
+    _save(out, exp.model, record, finetuned=exp.model)
+    return record
+
+
+def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
+                **settings) -> TaskRecord:  # fmt: skip
+    """Stage 2: score every block of the fine-tuned model (one cached pass), choose k
+    (or take ``depth``), drop blocks k+1..N and measure the accuracy before retraining.
+
+    ``settings``: any of :data:`STAGE_SETTINGS` ``["prune"]`` and the runtime keys. k is
+    also reported for each of ``alphas``; with ``tsne_seeds`` > 1 the scores are the
+    mean over that many t-SNE starts and k the most frequent one; with ``max_drop`` the
+    depth is the one :func:`~sls.pipeline.budget_search` finds from SLS's k.
+    A fine-tune that looks failed (near chance, loss barely fell) is refused unless
+    ``depth`` or ``force`` is given.
+    """
+    started, task_dir = time.perf_counter(), Path(task_dir)
+    exp, record = _open(task_dir, "prune", {**settings, "progress": progress}, runtime)
+    config = exp.config
+    failed = record.finetune_check is not None and not record.finetune_check["ok"]
+    if failed and config.depth is None and not config.force:
+        raise ConfigError(f"the fine-tune of {task_dir} looks failed ({'; '.join(record.finetune_check['problems'])}),"
+                          " so its block scores would choose k from noise; fine-tune longer (--epochs, --lr), "
+                          "or pass --depth K or --force to prune anyway")  # fmt: skip
+    selector = score_blocks(exp)
+    record.clear_selection()
+    if distributed.is_main():
+        (task_dir / "budget.png").unlink(missing_ok=True)
+    k = config.depth if config.depth is not None else selector.depth_
+    if config.max_drop is not None:
+        record.budget_search = budget_search(exp, selector.depth_)
+        k = record.budget_search["chosen_depth"]
+    pruned = prune(exp, k)
+    record.criterion, record.alpha = config.criterion, config.alpha
+    record.tsne = {"backend": config.tsne, "perplexity": config.perplexity, "random_state": config.tsne_seed,
+                   "seeds": len(selector.depths_per_seed_)}  # fmt: skip
+    record.scores = [float(v) for v in selector.scores_]
+    record.scores_std = [float(v) for v in selector.scores_std_]
+    record.depths_per_seed = [int(d) for d in selector.depths_per_seed_]
+    record.threshold, record.selected_depth = float(selector.threshold_), int(selector.depth_)
+    record.selection_reason, record.selection_margin = selector.reason_, selector.margin_
+    record.passing_below, record.depth_per_alpha = selector.passing_below_, decisions_per_alpha(exp, selector)
+    record.depth, record.stages = int(k), ["finetune", "prune"]
+    record.results["accuracy"]["pruned_no_retrain"] = accuracy(pruned, exp.test_loader, desc="test pruned",
+                                                               progress=progress, runtime=exp.runtime)  # fmt: skip
+    _ran(record, exp, "prune", started)
+    _save(task_dir, pruned, record)
+    title = f"{exp.backbone.model} + {exp.petl.name} on {config.data}"
+    distributed.run_on_main(write_scores_csv, task_dir / "scores.csv", selector.scores_, selector.threshold_, k)
+    distributed.run_on_main(plot_scores, task_dir / "scores.png", selector.scores_, selector.threshold_, k,
+                            title=f"SLS scores: {title}")  # fmt: skip
+    if record.budget_search is not None:
+        distributed.run_on_main(plot_budget, task_dir / "budget.png", record.budget_search,
+                                title=f"--max-drop {config.max_drop:g}: {title}")  # fmt: skip
+    return record
+
+
+def stage_retrain(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
+                  **settings) -> TaskRecord:  # fmt: skip
+    """Stage 3: retrain the kept blocks' PETL modules and the head with the task's
+    retraining strategy for its retraining epochs (``settings`` may change both)."""
+    started, task_dir = time.perf_counter(), Path(task_dir)
+    exp, record = _open(task_dir, "retrain", {**settings, "progress": progress}, runtime)
+    pruned = pruned_model(exp, record, task_dir)
+    cfg = exp.config
+    if record.depth < exp.backbone.num_blocks:
+        record.training["retrain"] = retrain_pruned(exp, pruned)
+        steps = exp.retrain_epochs * len(exp.train_loader)
+        record.retrain_strategy = cfg.retrain_strategy
+        record.retrain_options = create_strategy(cfg.retrain_strategy, **cfg.retrain_options).options
+        record.retrain_epochs = exp.retrain_epochs
+        record.retrain_budget = (f"{exp.retrain_epochs} epoch(s) over {len(exp.train_loader.dataset)} training images, "
+                                 f"batch {cfg.batch_size}: {steps} updates, the same for every strategy (distill also "
+                                 "runs the unpruned teacher forward at each update)")  # fmt: skip
+    else:  # Nothing was pruned: the fine-tuned model is the task (as the --max-drop search assumes).
+        record.retrain_strategy, record.retrain_options, record.retrain_epochs = None, {}, 0
+        record.retrain_budget = "none: k = N, nothing was pruned, so the fine-tuned model is kept"
+    record.resolved["retrain_epochs"] = exp.retrain_epochs
+    record.stages = ["finetune", "prune", "retrain"]
+    record.results.pop("throughput", None)
+    _ran(record, exp, "retrain", started)
+    _save(task_dir, pruned, record)
+    return record
+
+
+def stage_evaluate(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
+                   **settings) -> TaskRecord:  # fmt: skip
+    """Stage 4: test accuracy of the task, throughput of the full and pruned models
+    (same run, same batch), parameters and per-task storage."""
+    started, task_dir = time.perf_counter(), Path(task_dir)
+    exp, record = _open(task_dir, "evaluate", {**settings, "progress": progress}, runtime)
+    pruned = pruned_model(exp, record, task_dir)
+    cfg, results = exp.config, record.results
+    key = "pruned_retrained" if "retrain" in record.stages else "pruned_no_retrain"
+    results["accuracy"][key] = accuracy(pruned, exp.test_loader, desc="test task", progress=progress,
+                                        runtime=exp.runtime)  # fmt: skip
+    results["accuracy"].setdefault("pruned_retrained", None)
+    speed = distributed.run_on_main(throughput, {"full": exp.model, "pruned": pruned}, batch_size=cfg.throughput_batch,
+                                    img_size=exp.backbone.img_size, runtime=exp.runtime)  # fmt: skip
+    results["throughput"] = {"full": speed["full"], "pruned": speed["pruned"], "batch_size": cfg.throughput_batch,
+                             "unit": "images/s", "threads": torch.get_num_threads(),
+                             "device": str(exp.runtime.device)}  # fmt: skip
+    results["parameters"] = {"full": parameter_count(exp.model), "pruned": parameter_count(pruned),
+                             "task_tensors": sum(p.numel() for p in pruned.parameters() if p.requires_grad)}  # fmt: skip
+    results["storage_bytes"] = {"task": task_tensor_bytes(pruned)}
+    record.stages = [*[s for s in record.stages if s != "evaluate"], "evaluate"]
+    _ran(record, exp, "evaluate", started)
+    _save(task_dir, pruned, record)
+    return record
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the output folder {out}: {existing} is not a writable folder")
+
+
+def changed_settings(config: RunConfig, record: TaskRecord) -> list[str]:
+    """The settings in which a task record's run differs from ``config`` (sorted names;
+    empty when ``config`` would resume it). Output folder, progress and runtime may differ."""
+    mine = {k: v for k, v in config.to_dict().items() if k not in NOT_COMPARED}
+    theirs = {k: v for k, v in record.config.to_dict().items() if k not in NOT_COMPARED}
+    return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+
+
+def run(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
+    """All stages in order: fine-tune, prune (score blocks, choose k), retrain, evaluate.
+
+    If ``config.out`` already holds a run with the same settings, the stages it
+    completed are skipped (resume); where the models run (``device``, ``amp``,
+    ``channels_last``, or ``runtime``) may differ, and every remaining stage follows
+    the new choice. Another configuration there is refused.
+
+    Returns:
+        the task record (also written to ``<out>/record.json``).
+    """
+    started = time.perf_counter()
+    config.validate()
+    out = Path(config.out) if config.out else distributed.run_on_main(default_out_dir, config)  # one time stamp
+    config = dataclasses.replace(config, out=str(out))
+    runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
+    later = {"progress": config.progress, **{key: getattr(config, key) for key in RUNTIME_KEYS}}
+    done: list[str] = []
+    if (out / RECORD_FILE).is_file():
+        previous = read_record(out)
+        changed = changed_settings(config, previous)
+        if changed:
+            raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)}); "
+                              "choose another --out or run the stage commands on it")  # fmt: skip
+        done = list(previous.stages)
+        if done and config.progress:
+            print(f"resuming {out}: stages {', '.join(done)} already done")
+    if "finetune" not in done:
+        stage_finetune(config, runtime=runtime)
+    if "prune" not in done:
+        stage_prune(out, runtime=runtime, **later)
+    if config.retrain and "retrain" not in done:
+        stage_retrain(out, runtime=runtime, **later)
+    record = stage_evaluate(out, runtime=runtime, **later) if "evaluate" not in done else read_record(out)
+    record.results["seconds"] = round(time.perf_counter() - started, 1)
+    return record
