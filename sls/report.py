@@ -294,7 +294,10 @@ def plot_training(path: str | Path, training: dict, *, title: str = "") -> Path:
     acc_ax.set_ylabel("validation accuracy (%)")
     if not acc_ax.lines:
         acc_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=acc_ax.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
     for axis in (loss_ax, acc_ax):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=7)

@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader
 
 from sls.backbones import vit
 from sls.errors import ConfigError, DataError
-from sls.export import merge_for_inference
 from sls.petl import create_petl, list_petl
 from sls.petl.adapter import MlpWithAdapter
+from sls.petl.merge import merge_for_inference
 
 SUPPORTED_PETL = ("lora", "adapter")
 MAX_RATIO = 0.9
