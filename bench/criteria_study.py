@@ -27,7 +27,7 @@ DEMO = apply_recipe("demo", {})
 
 
 def study(data: str, criteria: list[str], epochs: int) -> list[str]:
-    exp = Experiment.from_config(RunConfig(recipe="demo", **{**DEMO, "data": data, "epochs": epochs, "progress": False}))
+    exp = Experiment.from_config(RunConfig(**{**DEMO, "data": data, "epochs": epochs, "progress": False}))
     acc_full, _ = finetune(exp)
     chosen = {}
     for criterion in criteria:

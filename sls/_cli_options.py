@@ -99,8 +99,10 @@ def add_config_options(parser: argparse.ArgumentParser, names: typing.Iterable[s
         names_note = f": {', '.join(_choices(meta['names']))}" if "names" in meta else ""
         help_text = meta["help"] + names_note + (f" (default: {shown})" if shown not in (None, "", [], {}) and kind is not bool else "")
         kwargs: dict = {"dest": name, "default": None, "help": help_text}
-        if kind is bool:
+        if kind is bool and "flag" in meta:  # an inverted switch (--quiet)
             kwargs.update(action="store_const", const=not default)
+        elif kind is bool:  # --amp / --no-amp: either wins over a --config file
+            kwargs.update(action=argparse.BooleanOptionalAction)
         elif kind is dict:
             kwargs.update(action="append", metavar="KEY=VALUE")
         else:
@@ -140,7 +142,12 @@ def given_settings(args: argparse.Namespace, names: typing.Iterable[str]) -> dic
 
 
 def settings_from(args: argparse.Namespace, names: typing.Iterable[str]) -> dict:
-    """``--config FILE``'s settings, overridden by those given on the command line."""
+    """``--config FILE``'s settings, overridden by those given on the command line
+    (``--petl-option`` and the like merged key by key into the file's)."""
     names = list(names)
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
-    return {**from_file, **given_settings(args, names)}
+    given = given_settings(args, names)
+    for key, value in given.items():  # KEY=VALUE options add to the file's, key by key
+        if isinstance(value, dict) and isinstance(from_file.get(key), dict):
+            given[key] = {**from_file[key], **value}
+    return {**from_file, **given}

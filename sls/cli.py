@@ -15,10 +15,10 @@ import numpy as np
 
 from sls import __version__
 from sls._cli_options import add_config_options, count_or, settings_from
+from sls.config import RUNTIME_KEYS
 from sls.errors import ConfigError, SLSError
 
 ALL = "all"
-RUNTIME_KEYS = ("device", "amp", "channels_last")
 
 
 def _run_fields() -> list[str]:
@@ -232,7 +232,8 @@ def _demo(args: argparse.Namespace) -> int:
     from sls.config import RunConfig
     from sls.recipes import apply_recipe
 
-    settings = apply_recipe("demo", {"out": args.out, "progress": not args.quiet})
+    given = {key: getattr(args, key) for key in RUNTIME_KEYS if getattr(args, key) is not None}
+    settings = apply_recipe("demo", {"out": args.out, "progress": not args.quiet, **given})
     return _execute(RunConfig(**settings))
 
 
@@ -357,9 +358,11 @@ def _export(args: argparse.Namespace) -> int:
 
     from sls.experiment import load_task
     from sls.export import deployable_model, export_model
+    from sls.runtime import Runtime
 
     _one_process("export")
-    model, record = load_task(args.task, weights=args.weights, runtime=_runtime(args))
+    # Traced on the CPU unless told otherwise: the file should not depend on the exporting machine.
+    model, record = load_task(args.task, weights=args.weights, runtime=Runtime.from_options(args.device or "cpu"))
     path = Path(args.out) if args.out else Path(args.task) / "export" / f"model{EXPORT_SUFFIXES[args.format]}"
     export_model(deployable_model(model), path, args.format, model_kwargs=record.backbone.get("model_kwargs"))
     backbone = record.backbone
@@ -378,7 +381,8 @@ def _predict(args: argparse.Namespace) -> int:
     from sls.export import predict
 
     _one_process("predict")
-    model, record = load_task(args.task, weights=args.weights, runtime=_runtime(args))
+    runtime = _runtime(args)
+    model, record = load_task(args.task, weights=args.weights, runtime=runtime)
     backbone = record.backbone
     transform = make_transform(backbone["img_size"], tuple(backbone["mean"]), tuple(backbone["std"]),
                                backbone.get("interpolation", "bicubic"))  # fmt: skip
@@ -386,7 +390,7 @@ def _predict(args: argparse.Namespace) -> int:
     images = [transform(read_image(path)) for path in args.images]
     classes = record.classes or [str(c) for c in range(record.num_classes)]
     for start in range(0, len(images), args.batch_size):
-        labels, probabilities = predict(model, torch.stack(images[start : start + args.batch_size]))
+        labels, probabilities = predict(model, torch.stack(images[start : start + args.batch_size]), runtime=runtime)
         for path, label, row in zip(args.images[start:], labels.tolist(), probabilities):
             print(f"{path}: {classes[label]} ({row[label].item():.3f})")
     return 0
@@ -399,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole SLS run on the embedded default (DINOv2 ViT-S/14, LoRA, MNIST-5k)")
     demo.add_argument("--out", default=None, help="task folder (default: runs/demo-<time>)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_options(demo, RUNTIME_KEYS)
     demo.set_defaults(handler=_demo)
     run = commands.add_parser("run", help="all stages: fine-tune, prune (score blocks, k), retrain, evaluate; "
                                           "resumes a killed run given the same --out")  # fmt: skip
@@ -481,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=list(EXPORT_SUFFIXES), help="file format")
     export.add_argument("--out", default=None, help="file to write (default: TASK/export/model.<ext>)")
     export.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
-    add_config_options(export, RUNTIME_KEYS)
+    add_config_options(export, ("device",), default_note="cpu")
     export.set_defaults(handler=_export)
 
     predict = commands.add_parser("predict", help="print the most probable class of each image with a task's model")

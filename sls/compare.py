@@ -207,7 +207,7 @@ def compare(
         depths: SLS depths measured besides the task's k (default: N/4, N/2, 3N/4).
         retrain_epochs: retrain the SLS depths other than the task's and every
             DepGraph model for this many epochs (the task's own retraining budget is
-            ``record["config"]["retrain_epochs"]``); None: no retraining, so the
+            ``TaskRecord.retrain_epochs``); None: no retraining, so the
             like-for-like SLS figure is the task's k before retraining.
         weights: the backbone's weights file; default: the record's.
         n_batches: training batches of DepGraph's Taylor importance.

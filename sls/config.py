@@ -44,8 +44,8 @@ DEMO_IMG_SIZE = 84
 
 RUNTIME_KEYS = ("device", "amp", "channels_last")
 """Where and how the models run: any command may change them, a resumed run included."""
-NOT_COMPARED = ("out", "progress", *RUNTIME_KEYS)
-"""Settings that may differ between a run and its resumption."""
+NOT_COMPARED = ("out", "progress", "force", *RUNTIME_KEYS)
+"""Settings that may differ between a run and its resumption (``force`` is a permission, not a setting)."""
 
 
 def _opt(help: str, **cli) -> dict:
@@ -84,8 +84,8 @@ class RunConfig:
     petl_options: dict = field(default_factory=dict, metadata=_opt(
         "PETL hyper-parameter, e.g. r=16 (repeatable)", flag="--petl-option"))
     img_size: int | None = field(default=None, metadata=_opt(
-        f"input side in pixels; default: {DEMO_IMG_SIZE} for the embedded demo sets, else the model's pretrained "
-        f"size capped at {MAX_AUTO_IMG_SIZE}", none="auto"))
+        f"input side in pixels; default: {DEMO_IMG_SIZE} for the embedded demo sets on the embedded model, else the "
+        f"model's pretrained size capped at {MAX_AUTO_IMG_SIZE}", none="auto"))
     train_samples: int | None = field(default=None, metadata=_opt("training images, or 'all'", none="all"))
     test_samples: int | None = field(default=None, metadata=_opt("test images, or 'all'", none="all"))
     analysis_samples: int | None = field(default=1000, metadata=_opt(
@@ -95,7 +95,7 @@ class RunConfig:
         "epochs", none="auto"))
     retrain_epochs: int | None = field(default=None, metadata=_opt(
         "retraining epochs after pruning; default: as many as the fine-tuning", none="auto"))
-    retrain: bool = field(default=True, metadata=_opt("prune without retraining", flag="--no-retrain"))
+    retrain: bool = field(default=True, metadata=_opt("retrain after pruning (--no-retrain: prune only)"))
     retrain_strategy: str = field(default="clr", metadata=_opt(
         "how to retrain after pruning, for --retrain-epochs whatever the strategy", choices="strategies"))
     retrain_options: dict = field(default_factory=dict, metadata=_opt(
@@ -285,9 +285,11 @@ def config_yaml(config: RunConfig, resolved: dict | None = None) -> str:
     import yaml
 
     values = config.to_dict() | {k: v for k, v in (resolved or {}).items() if k in config_fields()}
-    values.pop("progress", None)
-    return "# the resolved settings of this task; `sls run --config config.yaml` takes them\n" + yaml.safe_dump(
-        values, sort_keys=False)
+    for key in ("progress", "out", "force"):
+        values.pop(key, None)
+    return ("# the resolved settings of this task: `sls run --config config.yaml --out NEW` runs it again\n"
+            + yaml.safe_dump(
+        values, sort_keys=False))
 
 
 def default_out_dir(config: RunConfig) -> Path:
@@ -305,14 +307,16 @@ def auto_epochs(n_train: int, batch_size: int) -> int:
 def resolve(config: RunConfig, *, embedded_data: bool, pretrained_size: int, n_train: int) -> dict:
     """The values of the settings left to the data (None), as used by the run.
 
-    - ``img_size``: :data:`DEMO_IMG_SIZE` for the embedded demo sets, else the model's
-      pretrained input size capped at :data:`MAX_AUTO_IMG_SIZE`;
+    - ``img_size``: :data:`DEMO_IMG_SIZE` for the embedded demo sets on the embedded
+      model (whole 14 px patches), else the model's pretrained input size capped at
+      :data:`MAX_AUTO_IMG_SIZE`;
     - ``epochs``: :func:`auto_epochs` of the training split at ``batch_size``;
     - ``retrain_epochs``: the fine-tuning's epochs.
     """
     img_size = config.img_size
     if img_size is None:
-        img_size = DEMO_IMG_SIZE if embedded_data else min(int(pretrained_size), MAX_AUTO_IMG_SIZE)
+        demo = embedded_data and config.model.startswith("embedded-")
+        img_size = DEMO_IMG_SIZE if demo else min(int(pretrained_size), MAX_AUTO_IMG_SIZE)
     epochs = config.epochs if config.epochs is not None else auto_epochs(n_train, config.batch_size)
     retrain_epochs = config.retrain_epochs if config.retrain_epochs is not None else epochs
     resolved = {"img_size": int(img_size), "epochs": int(epochs), "retrain_epochs": int(retrain_epochs)}

@@ -120,15 +120,16 @@ class Experiment:
         record = read_record(task_dir)
         if "finetune" not in record.stages:
             raise TaskRecordError(f"{task_dir} holds no fine-tuned run; start with `sls finetune` or `sls run`")
-        config = dataclasses.replace(record.config, **{k: v for k, v in (overrides or {}).items() if v is not None})
-        config.validate()
+        # Every override is applied as given, None included ('all', 'auto' on the command line).
+        config = dataclasses.replace(record.config, **(overrides or {}))
+        if with_data:  # export and predict need only the record's backbone and PETL method
+            config.validate()
         runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
         saved = record.backbone
         resolved = {"img_size": int(saved["img_size"]), **record.resolved}
         resolved.setdefault("epochs", record.config.epochs)
-        for name in ("epochs", "retrain_epochs"):  # a stage's own option wins over the recorded value
-            if (overrides or {}).get(name) is not None:
-                resolved[name] = int(overrides[name])
+        if "retrain_epochs" in (overrides or {}):  # a stage's own option wins over the recorded value
+            resolved["retrain_epochs"] = overrides["retrain_epochs"] or resolved["epochs"]
         resolved.setdefault("retrain_epochs", config.retrain_epochs or resolved["epochs"])
         model, backbone, petl, initial = _build_model(config, record.num_classes, saved["model"],
                                                       weights or record_weights(record), int(saved["img_size"]),

@@ -30,6 +30,7 @@ from sls._io import atomic_write
 from sls.backbones import num_blocks, swin, vit
 from sls.errors import ConfigError
 from sls.petl.merge import deployable_model, merge_for_inference, merge_lora, petl_left
+from sls.runtime import Runtime
 
 __all__ = ["deployable_model", "export_model", "merge_for_inference", "merge_lora", "predict", "read_export_metadata"]
 
@@ -150,7 +151,7 @@ def export_model(
 
     Args:
         model: a task's model (a truncated timm ViT or Swin with PETL modules, as
-            :func:`sls.artifact.load_task` returns it); left untouched.
+            :func:`sls.experiment.load_task` returns it); left untouched.
         path: the file to write.
         format: ``"safetensors"``, ``"torchscript"`` or ``"onnx"``.
         img_size: input side in pixels; default: the model's patch embedding size.
@@ -188,12 +189,13 @@ def read_export_metadata(path: str | Path) -> dict:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, images: torch.Tensor, *, runtime: Runtime | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Class predictions for a batch of preprocessed images.
 
     Args:
         model: a classifier (a task's model, merged or not); put in eval mode.
         images: ``(n, 3, H, W)`` images, normalised as the model expects.
+        runtime: precision and layout (:mod:`sls.runtime`); the images go to the model's device.
 
     Returns:
         ``labels``: the ``(n,)`` most probable classes, and ``probabilities``: the
@@ -202,6 +204,7 @@ def predict(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch
     if images.dim() != 4:
         raise ConfigError(f"predict takes a batch of images (n, 3, H, W), got shape {tuple(images.shape)}")
     model.eval()
-    device = next(model.parameters()).device
-    probabilities = model(images.to(device)).float().softmax(dim=-1)
+    runtime, device = runtime or Runtime(), next(model.parameters()).device
+    with torch.inference_mode(), runtime.autocast(device):
+        probabilities = model(runtime.inputs(images, device)).float().softmax(dim=-1).cpu()
     return probabilities.argmax(dim=-1), probabilities

@@ -30,7 +30,7 @@ from sls.train import accuracy, train
 
 NEAR_CHANCE = 0.1
 """A fine-tune is near chance when its accuracy is below chance + this share of the way to 100%."""
-LOSS_BARELY_FELL = 0.75
+LOSS_BARELY_FELL = 0.9
 """... and its loss barely fell when the last epoch's is above this share of ln(classes),
 the loss of a uniform guess (where a fresh head starts)."""
 
@@ -115,14 +115,16 @@ def prune(exp: Experiment, depth: int) -> nn.Module:
     return truncate(copy.deepcopy(exp.model), depth)
 
 
-def retrain_pruned(exp: Experiment, pruned: nn.Module, strategy: str | None = None, **options) -> list[dict]:
+def retrain_pruned(exp: Experiment, pruned: nn.Module, strategy: str | None = None, *, curve: bool = True,
+                   **options) -> list[dict]:  # fmt: skip
     """Retrain a pruned model in place with the config's strategy (or ``strategy`` with
     ``options``) for the run's retraining epochs, the fine-tuned model as teacher.
     Seeded, with the batch order rewound, so retraining the same depth always gives the
     same model, whatever ran before in the process.
 
     Returns:
-        the retraining curve (one row per epoch).
+        the retraining curve (one row per epoch; empty with ``curve=False``, which skips
+        its validation passes).
     """
     cfg, rows = exp.config, []
     method = create_strategy(strategy or cfg.retrain_strategy, **(options if strategy else cfg.retrain_options))
@@ -132,7 +134,7 @@ def retrain_pruned(exp: Experiment, pruned: nn.Module, strategy: str | None = No
     with seeded(cfg.seed):
         method.retrain(pruned, teacher=exp.model, loader=exp.train_loader, epochs=exp.retrain_epochs,
                        schedule=cfg.schedule, initial_state=exp.initial_state, progress=cfg.progress,
-                       runtime=exp.runtime, after_epoch=after_epoch)  # fmt: skip
+                       runtime=exp.runtime, after_epoch=after_epoch if curve else None)  # fmt: skip
     return rows
 
 
@@ -160,7 +162,7 @@ def budget_search(exp: Experiment, start: int) -> dict:
     def evaluate(depth: int) -> float:
         pruned = prune(exp, depth)
         if cfg.retrain:
-            retrain_pruned(exp, pruned)
+            retrain_pruned(exp, pruned, curve=False)
         return accuracy(pruned, exp.val_loader, desc=f"val k={depth}", progress=cfg.progress, runtime=runtime)
 
     search = search_depth(evaluate, start=start, n_blocks=n_blocks, full_accuracy=full, max_drop=cfg.max_drop)

@@ -93,7 +93,7 @@ class TaskRecord:
     @property
     def world_size(self) -> int | None:
         """Processes the training stages ran on (None before any, or in a format-1 record)."""
-        trained = [run["world_size"] for run in self.runs if run.get("stage") in ("finetune", "retrain")]
+        trained = [run.get("world_size", 1) for run in self.runs if run.get("stage") in ("finetune", "retrain")]
         return trained[-1] if trained else None
 
     def setting(self, name: str):
@@ -151,5 +151,5 @@ def read_record(task_dir: str | Path) -> TaskRecord:
         raise TaskRecordError(f"{path} is not valid JSON ({err})") from None
     try:
         return TaskRecord.from_dict(raw, str(path))
-    except TypeError as err:
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
         raise TaskRecordError(f"{path} does not hold a task record sls can read ({err})") from None

@@ -267,6 +267,8 @@ def data_line(record: dict) -> str:
     if isinstance(counts["train"], int) and batch:
         steps = f" ({epochs * -(-counts['train'] // batch)} steps)"
     retrain = record.get("retrain_epochs", resolved.get("retrain_epochs"))
+    if not record.get("config", {}).get("retrain", True):
+        retrain = None
     return (f"{counts['train']} train / {counts['test']} test images at {size} px; fine-tune {epochs} epoch(s)"
             f"{steps}" + (f", retrain {retrain}" if retrain else ""))
 

@@ -25,6 +25,7 @@ models; it is offered for the GPU path and measured in ``bench/gpu_throughput.py
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,9 @@ def resolve_device(spec: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {spec!r}: sls runs on cpu or cuda")
     if device.type == "cuda":
+        if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"--device {spec}: under torchrun each process takes its local GPU; use --device cuda "
+                              "(or CUDA_VISIBLE_DEVICES to choose the GPUs)")  # fmt: skip
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {spec}: CUDA is not available here; use --device cpu or auto")
         index = torch.cuda.current_device() if device.index is None else device.index

@@ -62,10 +62,16 @@ def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None) -
             where = "a setting of the fine-tune" if key in config_fields() else "not a setting"
             raise ConfigError(f"sls {stage} cannot set {key!r} ({where}){nearest(key, allowed)}; "
                               f"it takes {', '.join(STAGE_SETTINGS[stage])}")  # fmt: skip
+    # Where a stage runs is not part of the task: not given, it is the default, never the record's.
+    settings = {"device": "auto", "amp": False, "channels_last": False, **settings}
+    if stage == "prune" and settings.get("depth") is not None and "max_drop" not in settings:
+        settings["max_drop"] = None  # a given depth replaces the recorded --max-drop search
     trains = stage == "retrain" or (stage == "prune" and settings.get("max_drop") is not None)
     record = read_record(task_dir)
     if stage == "prune" and record.config.max_drop is not None and "max_drop" not in settings:
         trains = True
+    if stage == "retrain" and distributed.active() and settings.get("retrain_strategy", record.config.retrain_strategy) == "distill":
+        raise ConfigError("the distill retraining strategy runs in one process; start sls retrain without torchrun")
     if trains and record.world_size not in (None, distributed.world_size()):
         raise ConfigError(f"{task_dir} was trained on {record.world_size} process(es) and this is "
                           f"{distributed.world_size()}: training here would not reproduce an uninterrupted run; "
@@ -161,6 +167,8 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
     record.selection_reason, record.selection_margin = selector.reason_, selector.margin_
     record.passing_below, record.depth_per_alpha = selector.passing_below_, decisions_per_alpha(exp, selector)
     record.depth, record.stages = int(k), ["finetune", "prune"]
+    record.data["analysed_train_samples"] = int(len(exp.analysed))
+    record.data["val_samples"] = int(len(exp.val_loader.dataset)) if exp.val_loader is not None else 0
     record.results["accuracy"]["pruned_no_retrain"] = accuracy(pruned, exp.test_loader, desc="test pruned",
                                                                progress=progress, runtime=exp.runtime)  # fmt: skip
     _ran(record, exp, "prune", started)
@@ -259,10 +267,14 @@ def run(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
     """
     started = time.perf_counter()
     config.validate()
+    if distributed.active() and config.retrain and config.retrain_strategy == "distill":
+        raise ConfigError("the distill retraining strategy runs in one process; start sls run without torchrun "
+                          "or choose another --retrain-strategy")  # fmt: skip
     out = Path(config.out) if config.out else distributed.run_on_main(default_out_dir, config)  # one time stamp
     config = dataclasses.replace(config, out=str(out))
     runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
     later = {"progress": config.progress, **{key: getattr(config, key) for key in RUNTIME_KEYS}}
+    prune_later = {**later, "force": config.force}
     done: list[str] = []
     if (out / RECORD_FILE).is_file():
         previous = read_record(out)
@@ -271,12 +283,17 @@ def run(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
             raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)}); "
                               "choose another --out or run the stage commands on it")  # fmt: skip
         done = list(previous.stages)
+        to_train = "retrain" not in done and config.retrain or "prune" not in done and config.max_drop is not None
+        if to_train and previous.world_size not in (None, distributed.world_size()):
+            raise ConfigError(f"{out} was trained on {previous.world_size} process(es) and this is "
+                              f"{distributed.world_size()}: resuming here would not reproduce an uninterrupted run; "
+                              f"run it on {previous.world_size} (torchrun --nproc-per-node) or start a new --out")  # fmt: skip
         if done and config.progress:
             print(f"resuming {out}: stages {', '.join(done)} already done")
     if "finetune" not in done:
         stage_finetune(config, runtime=runtime)
     if "prune" not in done:
-        stage_prune(out, runtime=runtime, **later)
+        stage_prune(out, runtime=runtime, **prune_later)
     if config.retrain and "retrain" not in done:
         stage_retrain(out, runtime=runtime, **later)
     record = stage_evaluate(out, runtime=runtime, **later) if "evaluate" not in done else read_record(out)

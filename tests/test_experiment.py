@@ -128,10 +128,12 @@ def test_the_model_commands_take_device_and_amp(pruned, capsys):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     for command in (["compare", str(pruned)], ["analyze", "--task", str(pruned), "--data", "digits"],
-                    ["export", str(pruned), "--format", "safetensors"], ["predict", str(pruned), "x.png"],
-                    ["prune", str(pruned)], ["retrain", str(pruned)], ["evaluate", str(pruned)]):  # fmt: skip
+                    ["predict", str(pruned), "x.png"], ["prune", str(pruned)], ["retrain", str(pruned)],
+                    ["evaluate", str(pruned)], ["demo"]):  # fmt: skip
         assert main([*command, "--device", "cuda", "--amp"]) == 2, command
         assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["export", str(pruned), "--format", "safetensors", "--device", "cuda"]) == 2  # traced on the CPU by default
+    assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_a_config_file_is_the_same_schema_as_the_options(tmp_path, capsys):
@@ -172,7 +174,7 @@ def test_the_resolved_config_is_written_and_runs_again(finetuned):
     import yaml
 
     written = yaml.safe_load((finetuned / "config.yaml").read_text())
-    assert written["epochs"] == 3 and written["img_size"] == 32 and written["out"] == str(finetuned)
+    assert written["epochs"] == 3 and written["img_size"] == 32 and "out" not in written
     assert RunConfig(**written).lr == TINY.lr
 
 
@@ -228,3 +230,36 @@ def test_a_format_1_record_reads_into_the_typed_record(pruned):
     assert "prune" in TaskRecord.from_dict(old).stages
     with pytest.raises(Exception, match="record format 3"):
         TaskRecord.from_dict({**raw, "format": 3})
+
+
+def test_the_command_line_wins_over_a_config_file_both_ways(tmp_path):
+    from sls.cli import _config_from, build_parser
+
+    (tmp_path / "run.yaml").write_text("amp: true\nretrain: false\npetl_options: {r: 4, alpha: 8}\n")
+    config = _config_from(build_parser().parse_args(["run", "--config", str(tmp_path / "run.yaml"), "--no-amp",
+                                                     "--retrain", "--petl-option", "r=16"]))  # fmt: skip
+    assert (config.amp, config.retrain, config.petl_options) == (False, True, {"r": 16, "alpha": 8})
+
+
+def test_written_config_runs_the_task_again(finetuned, tmp_path):
+    from sls.cli import _config_from, build_parser
+
+    again = _config_from(build_parser().parse_args(["run", "--config", str(finetuned / "config.yaml"), "--out",
+                                                    str(tmp_path / "again")]))  # fmt: skip
+    assert dataclasses.replace(again, out=None, progress=False) == dataclasses.replace(TINY, retrain_epochs=2, out=None)
+
+
+def test_a_stage_option_meaning_all_is_applied_and_recorded(pruned, tmp_path):
+    task = shutil.copytree(pruned, tmp_path / "task")
+    stage_prune(task, analysis_samples=120, progress=False)
+    assert read_record(task).data["analysed_train_samples"] == 120
+    assert main(["prune", str(task), "--analysis-samples", "all", "--quiet"]) == 0  # None: every training image
+    record = read_record(task)
+    assert record.config.analysis_samples is None and record.data["analysed_train_samples"] == 200
+
+
+def test_force_resumes_a_run_whose_fine_tune_looked_failed(tmp_path, capsys):
+    args = [*TINY_ARGS, "--lr", "1e-7", "--epochs", "1", "--out", str(tmp_path / "task")]
+    assert main(["run", *args]) == 2 and "looks failed" in capsys.readouterr().err
+    assert main(["run", *args, "--force"]) == 0  # the same run, resumed: force is a permission, not a setting
+    assert [run["stage"] for run in read_record(tmp_path / "task").runs] == ["finetune", "prune", "retrain", "evaluate"]
