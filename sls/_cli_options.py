@@ -97,7 +97,9 @@ def add_config_options(parser: argparse.ArgumentParser, names: typing.Iterable[s
         kind = _base_type(hints[name])
         shown = default_note or (meta.get("none") if default is None else default)
         names_note = f": {', '.join(_choices(meta['names']))}" if "names" in meta else ""
-        help_text = meta["help"] + names_note + (f" (default: {shown})" if shown not in (None, "", [], {}) and kind is not bool else "")
+        show_default = bool(default_note) or (shown not in (None, "", [], {}) and kind is not bool
+                                              and "default:" not in meta["help"])
+        help_text = meta["help"] + names_note + (f" (default: {shown})" if show_default else "")
         kwargs: dict = {"dest": name, "default": None, "help": help_text}
         if kind is bool and "flag" in meta:  # an inverted switch (--quiet)
             kwargs.update(action="store_const", const=not default)
