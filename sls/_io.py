@@ -10,10 +10,19 @@ from contextlib import suppress
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
-    An interruption leaves ``path`` as it was (absent or the previous version).
+    An interruption leaves ``path`` as it was (absent or the previous version). The
+    file gets the permissions a plain ``open(path, "w")`` would (``0o666`` less the
+    umask, so a team on shared storage can read it; ``mkstemp`` alone gives ``0o600``),
+    and it is flushed to disk before the rename, and the rename after it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,11 +31,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        with open(tmp_path, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
     finally:
         with suppress(FileNotFoundError):
             tmp_path.unlink()
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -28,7 +28,8 @@ methods; its group is its ``group``, else the VTAB-1k group of its name
 
 Running again skips the tasks whose folder holds a complete run with the same
 settings and resumes the interrupted ones (:func:`sls.stages.run`). A task that
-fails with a user error (:class:`SLSError`) is reported and the sweep goes on.
+fails (a user error, or any other exception such as CUDA running out of memory, whose
+traceback is printed) is reported and the sweep goes on.
 ``shard=(i, n)`` runs tasks i, i+n, i+2n, ... only, so n machines or GPUs can share a
 sweep; the summary always covers every task whose folder is complete.
 """
@@ -38,6 +39,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,6 +254,11 @@ def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
         except SLSError as err:
             report.failed[task.name] = str(err)
             say(f"{head}: FAILED: {err}")
+            continue
+        except Exception as err:  # one task's fault (CUDA out of memory, a bug) must not end the sweep
+            report.failed[task.name] = f"{type(err).__name__}: {err}"
+            say(f"{head}: FAILED ({type(err).__name__}): {err}")
+            traceback.print_exc(file=sys.stderr)
             continue
         report.ran.append(task.name)
         say(f"{head}: done; {_one_line(_task_row(task, record.to_dict()))}")

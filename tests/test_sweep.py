@@ -199,3 +199,18 @@ tasks:
     # Run again: the finished task is skipped, the broken one fails again.
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "[1/2] digits-a (natural): already done, skipped" in capsys.readouterr().out
+
+
+def test_a_task_that_crashes_does_not_end_the_sweep(tmp_path, monkeypatch):
+    run, calls = fake_run({"cifar": ((0.9, 0.8), 6, 2.0, 1000), "eurosat": ((0.9, 0.9), 4, 3.0, 2000)})
+
+    def out_of_memory_on_dtd(config):
+        if config.out.endswith("dtd"):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run(config)
+
+    monkeypatch.setattr(sls.sweep, "run", out_of_memory_on_dtd)
+    sweep = load_sweep(write_yaml(tmp_path / "grid.yaml", GRID), out=tmp_path / "out", progress=False)
+    report = run_sweep(sweep, log=lambda message: None)
+    assert report.failed["dtd"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "cifar" in report.ran and "eurosat" in report.ran  # the tasks after it ran
