@@ -263,19 +263,25 @@ def settings_from_mapping(mapping: dict, where: str, *, allowed: typing.Iterable
     return settings, {key: mapping[key] for key in extra if key in mapping}
 
 
-def read_config_file(path: str | Path, *, allowed: typing.Iterable[str] | None = None) -> dict:
-    """The settings of a ``--config`` YAML file (the keys of a sweep's ``defaults``)."""
+def read_yaml(path: str | Path, what: str):
+    """The parsed contents of a YAML file; missing, unreadable or invalid is one line
+    naming ``what`` it is (``config file``, ``sweep file``)."""
     import yaml
 
     path = Path(path)
     try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
+        raise ConfigError(f"{what} {path} not found") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from None
+        raise ConfigError(f"cannot read {what} {path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def read_config_file(path: str | Path, *, allowed: typing.Iterable[str] | None = None) -> dict:
+    """The settings of a ``--config`` YAML file (the keys of a sweep's ``defaults``)."""
+    mapping = read_yaml(path, "config file") or {}
     settings, _ = settings_from_mapping(mapping, str(path), allowed=allowed)
     return settings
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from sls import distributed
 from sls._io import atomic_write, write_text
-from sls.config import RunConfig, config_fields, settings_from_mapping
+from sls.config import RunConfig, config_fields, read_yaml, settings_from_mapping
 from sls.data import EMBEDDED_DATASETS
 from sls.errors import ConfigError, SLSError, TaskRecordError
 from sls.recipes import apply_recipe
@@ -129,17 +129,8 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, progress: boo
         out: the sweep folder, replacing the file's ``out``.
         progress: progress bars in every task's run.
     """
-    import yaml
-
     path = Path(path)
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read sweep file {path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    spec = read_yaml(path, "sweep file")
     unknown = sorted(set(spec) - set(_TOP_KEYS)) if isinstance(spec, dict) else []
     if not isinstance(spec, dict) or unknown or "tasks" not in spec:
         problem = f"unknown key(s) {', '.join(map(str, unknown))}; " if unknown else ""
