@@ -30,7 +30,7 @@ the two ratios around it, or extrapolated from the last two, capped at
 :data:`~sls.baselines.depgraph.MAX_RATIO`. The model at that ratio is then timed again
 with all the others; the reported figures come from that final run.
 
-Per-task storage in bytes: SLS keeps ``task.safetensors`` + ``record.json`` (the
+Per-task storage in bytes: SLS keeps its task tensor file + ``record.json`` (the
 shared backbone is not counted: every task reuses it); the full PETL model keeps the
 PETL tensors of all N blocks + head + the record; DepGraph keeps its whole pruned
 model (widths differ from the shared backbone's), as a ``.safetensors`` state dict.
@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Subset
 
 from sls._io import write_json, write_text
 from sls._rng import seeded
-from sls.artifact import RECORD_FILE, WEIGHTS_FILE, task_tensor_bytes
+from sls.artifact import RECORD_FILE, task_file, task_tensor_bytes
 from sls.backbones import truncate
 from sls.baselines.depgraph import MAX_RATIO, depgraph_prune, ratio_for_parameter_reduction
 from sls.bench import parameter_count, state_dict_bytes, throughput
@@ -262,7 +262,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
                       storage_bytes=task_tensor_bytes(finetuned) + record_bytes)  # fmt: skip
     sls_task = _Candidate(f"SLS k={depth} (task)", "sls", deployable_model(task_model), depth, matched="task",
                           retrained=task_retrained,
-                          storage_bytes=(task_dir / WEIGHTS_FILE).stat().st_size + record_bytes)  # fmt: skip
+                          storage_bytes=task_file(record, task_dir).stat().st_size + record_bytes)  # fmt: skip
     candidates = [full, sls_task]
     sls_fair = sls_task
     if task_retrained:

@@ -34,3 +34,11 @@ class ScoreError(SLSError):
 
 class TaskRecordError(SLSError):
     """A task folder that is missing, incomplete, or made for another backbone."""
+
+
+class FolderLockedError(SLSError):
+    """A task (or sweep) folder another process is writing."""
+
+
+class DiskFullError(SLSError):
+    """A write that ran out of space (or quota); nothing under the final name was changed."""

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sls._rng import seeded
-from sls.artifact import FINETUNED_FILE, STAGE_FILES, WEIGHTS_FILE, check_fingerprint, load_tensors, record_weights
+from sls.artifact import check_fingerprint, load_tensors, record_weights
 from sls.backbones import BackboneInfo, create_backbone, pretrained_input_size, truncate
 from sls.config import RunConfig, resolve
 from sls.data import (
@@ -102,7 +102,7 @@ class Experiment:
     @classmethod
     def from_record(cls, task_dir: str | Path, *, overrides: dict | None = None, runtime: Runtime | None = None,
                     weights: str | Path | None = None, with_data: bool = True,
-                    tensors: str | None = FINETUNED_FILE) -> tuple[Experiment, TaskRecord]:  # fmt: skip
+                    tensors: str | None = "finetuned") -> tuple[Experiment, TaskRecord]:  # fmt: skip
         """A task folder's run, rebuilt from its record with the fine-tuned tensors loaded.
 
         Args:
@@ -110,7 +110,8 @@ class Experiment:
             runtime: where the model runs; default: the (overridden) config's device.
             weights: the backbone's weights file; default: the record's.
             with_data: also rebuild the data and loaders (and check the splits did not move).
-            tensors: the task file loaded into the model (None: the fresh PETL modules and head).
+            tensors: the kind of tensor file loaded into the model (``"finetuned"``; None:
+                the fresh PETL modules and head).
 
         Raises:
             TaskRecordError: no fine-tuned run in the folder, or another backbone.
@@ -138,7 +139,7 @@ class Experiment:
         backbone = dataclasses.replace(backbone, mean=tuple(saved["mean"]), std=tuple(saved["std"]),
                                        interpolation=saved.get("interpolation", backbone.interpolation))  # fmt: skip
         if tensors is not None:
-            load_tensors(model, task_dir / tensors)
+            load_tensors(model, task_dir, record, tensors)
         exp = cls(config, runtime, resolved, backbone, petl, runtime.place(model.eval()), initial_state=initial)
         if with_data:
             data = load_dataset(config.data)
@@ -225,15 +226,15 @@ def load_task(task_dir: str | Path, *, weights: str | Path | None = None, stage:
         TaskRecordError: the folder is incomplete or not pruned yet, or the backbone's
             fingerprint differs from the one the task was trained on.
     """
-    if stage not in STAGE_FILES:
-        raise TaskRecordError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGE_FILES)}")
+    if stage not in ("pruned", "finetuned"):
+        raise TaskRecordError(f"unknown stage {stage!r}; choose one of: pruned, finetuned")
     exp, record = Experiment.from_record(task_dir, weights=weights, with_data=False, runtime=runtime or Runtime(),
-                                         tensors=FINETUNED_FILE if stage == "finetuned" else None)  # fmt: skip
+                                         tensors="finetuned" if stage == "finetuned" else None)  # fmt: skip
     if stage == "finetuned":
         return exp.model, record
     if "prune" not in record.stages:
         raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
-    return load_tensors(truncate(exp.model, int(record.depth)), Path(task_dir) / WEIGHTS_FILE).eval(), record
+    return load_tensors(truncate(exp.model, int(record.depth)), task_dir, record).eval(), record
 
 
 def pruned_model(exp: Experiment, record: TaskRecord, task_dir: Path) -> nn.Module:
@@ -241,4 +242,4 @@ def pruned_model(exp: Experiment, record: TaskRecord, task_dir: Path) -> nn.Modu
     if "prune" not in record.stages:
         raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
     pruned = truncate(copy.deepcopy(exp.model), int(record.depth))
-    return load_tensors(pruned, task_dir / WEIGHTS_FILE).eval()
+    return load_tensors(pruned, task_dir, record).eval()

@@ -10,6 +10,10 @@ layout as format 1, plus what format 2 adds:
 - ``finetune_check``: whether the fine-tune looks failed (near chance, loss barely fell);
 - ``runs``: per stage executed, where it ran (device, precision, threads, processes).
 
+Format 3 adds ``files``: the task's tensor files by kind (``task``, ``finetuned``), each
+``{"file", "sha256", "bytes"}`` (see :mod:`sls.artifact`). Older records name the fixed
+files ``task.safetensors`` and ``finetuned.safetensors``, without a hash.
+
 Fields that only a later stage fills (the scores, the budget search, the retraining)
 are None until then and left out of the JSON, so ``"scores" in record.json`` still
 says whether the task was pruned.
@@ -27,8 +31,10 @@ from sls.config import RunConfig, config_fields
 from sls.errors import TaskRecordError
 
 RECORD_FILE = "record.json"
-RECORD_FORMAT = 2
-READABLE_FORMATS = (1, 2)
+RECORD_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
+LEGACY_FILES = {"task": {"file": "task.safetensors"}, "finetuned": {"file": "finetuned.safetensors"}}
+"""The tensor files of a record before format 3 (no hash to check them against)."""
 _REQUIRED = ("backbone", "petl", "depth", "num_classes")
 _OPTIONAL = ("criterion", "tsne", "alpha", "scores", "scores_std", "depths_per_seed", "threshold", "selected_depth",
              "selection_reason", "selection_margin", "passing_below", "depth_per_alpha", "budget_search",
@@ -51,6 +57,7 @@ class TaskRecord:
             ``parameters``, ``storage_bytes``, ``seconds``.
         training: stage name -> one ``{"epoch", "loss", "val_accuracy"}`` row per epoch.
         runs: one ``{"stage", "device", "amp", "channels_last", "threads", "world_size"}`` per stage run.
+        files: tensor file kind (``task``, ``finetuned``) -> ``{"file", "sha256", "bytes"}``.
     """
 
     backbone: dict
@@ -66,6 +73,7 @@ class TaskRecord:
     resolved: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)
+    files: dict = field(default_factory=dict)
     sls_version: str = __version__
     criterion: str | None = None
     tsne: dict | None = None
@@ -109,7 +117,7 @@ class TaskRecord:
         self.results = {"accuracy": {"full": self.results["accuracy"].get("full")}}
 
     def to_dict(self) -> dict:
-        """The JSON layout of ``record.json`` (format 2)."""
+        """The JSON layout of ``record.json`` (format 3)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["config"] = self.config.to_dict()
         for name in _OPTIONAL:
@@ -119,7 +127,7 @@ class TaskRecord:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "record") -> TaskRecord:
-        """Read format 1 (before the typed record) or 2; refuse anything else in one line."""
+        """Read formats 1 (before the typed record) to 3; refuse anything else in one line."""
         if not isinstance(raw, dict):
             raise TaskRecordError(f"{where} is not a task record (a JSON object)")
         version = raw.get("format", 1)
@@ -137,6 +145,12 @@ class TaskRecord:
         if "stages" not in raw:  # format 1 before the stages: a whole run, retrained unless told not to
             values["stages"] = ["finetune", "prune", *(["retrain"] if values["config"].retrain else []),
                                 *(["evaluate"] if "throughput" in raw.get("results", {}) else [])]  # fmt: skip
+        if version < 3:
+            values["files"] = {kind: dict(entry) for kind, entry in LEGACY_FILES.items()}
+        for kind, entry in values.get("files", {}).items():
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+                raise TaskRecordError(f"{where} names a {kind} tensor file that is not a file of its folder: {name!r}")
         return cls(**values)
 
 

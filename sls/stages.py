@@ -15,8 +15,11 @@ training would not reproduce it and is refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +27,8 @@ import torch
 
 from sls import __version__, distributed
 from sls._io import write_text
-from sls.artifact import save_task, task_tensor_bytes
+from sls._lock import describe_holder, folder_lock
+from sls.artifact import collect_garbage, save_task, task_tensor_bytes
 from sls.bench import parameter_count, throughput
 from sls.config import NOT_COMPARED, RUNTIME_KEYS, RunConfig, config_fields, config_yaml, default_out_dir, nearest
 from sls.errors import ConfigError
@@ -86,14 +90,52 @@ def _ran(record: TaskRecord, exp: Experiment, stage: str, started: float) -> Non
 
 
 def _save(task_dir: Path, model, record: TaskRecord, **kwargs) -> None:
+    """Commit a stage: its tensors, then the record, then the files drawn from the record."""
     def write() -> None:
         save_task(task_dir, model, record, **kwargs)
-        write_text(task_dir / CONFIG_FILE, config_yaml(record.config, record.resolved))
-        if record.training:
-            plot_training(task_dir / "training.png", record.training,
-                          title=f"{record.backbone['model']} + {record.petl['method']} on {record.config.data}")
+        render_views(task_dir, record)
 
     distributed.run_on_main(write)
+
+
+def render_views(task_dir: Path, record: TaskRecord) -> None:
+    """Write the files drawn from the record alone: ``config.yaml``, ``training.png``,
+    ``scores.csv``, ``scores.png`` and ``budget.png`` (removed when the record has no
+    budget search). A stage commits its record first and these after it, so a run
+    killed between the two re-draws them when it resumes (:func:`run`)."""
+    title = f"{record.backbone['model']} + {record.petl['method']} on {record.config.data}"
+    write_text(task_dir / CONFIG_FILE, config_yaml(record.config, record.resolved))
+    if record.training:
+        plot_training(task_dir / "training.png", record.training, title=title)
+    if record.scores is not None:
+        write_scores_csv(task_dir / "scores.csv", record.scores, record.threshold, record.depth)
+        plot_scores(task_dir / "scores.png", record.scores, record.threshold, record.depth,
+                    title=f"SLS scores: {title}")  # fmt: skip
+    if record.budget_search is not None:
+        plot_budget(task_dir / "budget.png", record.budget_search, title=f"--max-drop {record.config.max_drop:g}: {title}")
+    else:
+        (task_dir / "budget.png").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(task_dir: Path):
+    """Hold ``task_dir``'s write lock (on the main process; the others do not write)."""
+    with contextlib.ExitStack() as stack:
+        previous = distributed.run_on_main(lambda: stack.enter_context(folder_lock(task_dir)))
+        if previous and distributed.is_main():
+            print(f"sls: {task_dir}: took over the lock of {describe_holder(previous)}, which ended without "
+                  "releasing it", file=sys.stderr)  # fmt: skip
+        yield
+
+
+def _locked(stage):
+    """Run a stage over its task folder (the first argument) holding the folder's lock."""
+    @functools.wraps(stage)
+    def locked(task_dir, *args, **kwargs):
+        with writing(Path(task_dir)):
+            return stage(task_dir, *args, **kwargs)
+
+    return locked
 
 
 def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
@@ -101,6 +143,11 @@ def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None) -> Task
     started = time.perf_counter()
     out = Path(config.out) if config.out else distributed.run_on_main(default_out_dir, config)  # one time stamp
     check_writable(out)
+    with writing(out):
+        return _finetune(config, out, runtime, started)
+
+
+def _finetune(config: RunConfig, out: Path, runtime: Runtime | None, started: float) -> TaskRecord:
     exp = Experiment.from_config(config, runtime)
     full, curve = finetune(exp)
     check = check_finetune(curve, full, len(exp.data.classes))
@@ -128,6 +175,7 @@ def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None) -> Task
     return record
 
 
+@_locked
 def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
                 **settings) -> TaskRecord:  # fmt: skip
     """Stage 2: score every block of the fine-tuned model (one cached pass), choose k
@@ -150,8 +198,6 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
                           "or pass --depth K or --force to prune anyway")  # fmt: skip
     selector = score_blocks(exp)
     record.clear_selection()
-    if distributed.is_main():
-        (task_dir / "budget.png").unlink(missing_ok=True)
     k = config.depth if config.depth is not None else selector.depth_
     if config.max_drop is not None:
         record.budget_search = budget_search(exp, selector.depth_)
@@ -173,16 +219,10 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
                                                                progress=progress, runtime=exp.runtime)  # fmt: skip
     _ran(record, exp, "prune", started)
     _save(task_dir, pruned, record)
-    title = f"{exp.backbone.model} + {exp.petl.name} on {config.data}"
-    distributed.run_on_main(write_scores_csv, task_dir / "scores.csv", selector.scores_, selector.threshold_, k)
-    distributed.run_on_main(plot_scores, task_dir / "scores.png", selector.scores_, selector.threshold_, k,
-                            title=f"SLS scores: {title}")  # fmt: skip
-    if record.budget_search is not None:
-        distributed.run_on_main(plot_budget, task_dir / "budget.png", record.budget_search,
-                                title=f"--max-drop {config.max_drop:g}: {title}")  # fmt: skip
     return record
 
 
+@_locked
 def stage_retrain(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
                   **settings) -> TaskRecord:  # fmt: skip
     """Stage 3: retrain the kept blocks' PETL modules and the head with the task's
@@ -211,6 +251,7 @@ def stage_retrain(task_dir: str | Path, *, progress: bool = True, runtime: Runti
     return record
 
 
+@_locked
 def stage_evaluate(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
                    **settings) -> TaskRecord:  # fmt: skip
     """Stage 4: test accuracy of the task, throughput of the full and pruned models
@@ -235,6 +276,11 @@ def stage_evaluate(task_dir: str | Path, *, progress: bool = True, runtime: Runt
     _ran(record, exp, "evaluate", started)
     _save(task_dir, pruned, record)
     return record
+
+
+def _recover(task_dir: Path, record: TaskRecord) -> None:
+    collect_garbage(task_dir, record)
+    render_views(task_dir, record)
 
 
 def check_writable(out: Path) -> None:
@@ -275,27 +321,32 @@ def run(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
     runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
     later = {"progress": config.progress, **{key: getattr(config, key) for key in RUNTIME_KEYS}}
     prune_later = {**later, "force": config.force}
-    done: list[str] = []
-    if (out / RECORD_FILE).is_file():
-        previous = read_record(out)
-        changed = changed_settings(config, previous)
-        if changed:
-            raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)}); "
-                              "choose another --out or run the stage commands on it")  # fmt: skip
-        done = list(previous.stages)
-        to_train = "retrain" not in done and config.retrain or "prune" not in done and config.max_drop is not None
-        if to_train and previous.world_size not in (None, distributed.world_size()):
-            raise ConfigError(f"{out} was trained on {previous.world_size} process(es) and this is "
-                              f"{distributed.world_size()}: resuming here would not reproduce an uninterrupted run; "
-                              f"run it on {previous.world_size} (torchrun --nproc-per-node) or start a new --out")  # fmt: skip
-        if done and config.progress:
-            print(f"resuming {out}: stages {', '.join(done)} already done")
-    if "finetune" not in done:
-        stage_finetune(config, runtime=runtime)
-    if "prune" not in done:
-        stage_prune(out, runtime=runtime, **prune_later)
-    if config.retrain and "retrain" not in done:
-        stage_retrain(out, runtime=runtime, **later)
-    record = stage_evaluate(out, runtime=runtime, **later) if "evaluate" not in done else read_record(out)
+    check_writable(out)
+    with writing(out):
+        done: list[str] = []
+        if (out / RECORD_FILE).is_file():
+            previous = read_record(out)
+            changed = changed_settings(config, previous)
+            if changed:
+                raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)}); "
+                                  "choose another --out or run the stage commands on it")  # fmt: skip
+            done = list(previous.stages)
+            to_train = "retrain" not in done and config.retrain or "prune" not in done and config.max_drop is not None
+            if to_train and previous.world_size not in (None, distributed.world_size()):
+                raise ConfigError(f"{out} was trained on {previous.world_size} process(es) and this is "
+                                  f"{distributed.world_size()}: resuming here would not reproduce an uninterrupted run; "
+                                  f"run it on {previous.world_size} (torchrun --nproc-per-node) or start a new --out")  # fmt: skip
+            if done and config.progress:
+                print(f"resuming {out}: stages {', '.join(done)} already done")
+            # A run killed after a stage's record and before the files drawn from it left
+            # those stale or missing, and maybe files that record no longer names.
+            distributed.run_on_main(_recover, out, previous)
+        if "finetune" not in done:
+            stage_finetune(config, runtime=runtime)
+        if "prune" not in done:
+            stage_prune(out, runtime=runtime, **prune_later)
+        if config.retrain and "retrain" not in done:
+            stage_retrain(out, runtime=runtime, **later)
+        record = stage_evaluate(out, runtime=runtime, **later) if "evaluate" not in done else read_record(out)
     record.results["seconds"] = round(time.perf_counter() - started, 1)
     return record

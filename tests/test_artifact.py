@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sls.artifact import RECORD_FILE, WEIGHTS_FILE, save_task, task_tensor_bytes
+from sls.artifact import RECORD_FILE, save_task, task_file, task_tensor_bytes
 from sls.backbones import create_backbone, truncate
 from sls.errors import TaskRecordError
 from sls.experiment import load_task
+from sls.record import read_record
 from sls.petl import create_petl
 
 
@@ -32,6 +33,10 @@ def trained_task(tmp_path, petl="lora", depth=3, weights="random"):
     return model, tmp_path / "task"
 
 
+def tensor_file(task_dir):
+    return task_file(read_record(task_dir), task_dir)
+
+
 @pytest.mark.parametrize("petl", ["lora", "adapter"])
 def test_round_trip_gives_an_identical_model(tmp_path, tiny_images, petl):
     model, task_dir = trained_task(tmp_path, petl)
@@ -47,12 +52,12 @@ def test_round_trip_gives_an_identical_model(tmp_path, tiny_images, petl):
 
 def test_task_file_holds_only_kept_petl_and_head(tmp_path):
     model, task_dir = trained_task(tmp_path, "lora", depth=2)
-    state = load_file(str(task_dir / WEIGHTS_FILE))
+    state = load_file(str(tensor_file(task_dir)))
     assert set(state) == {
         *(f"blocks.{b}.attn.qkv.lora_{ab}.default.weight" for b in range(2) for ab in "AB"),
         "head.weight", "head.bias",
     }  # fmt: skip
-    assert (task_dir / WEIGHTS_FILE).stat().st_size == task_tensor_bytes(model)
+    assert tensor_file(task_dir).stat().st_size == task_tensor_bytes(model)
     # r=8 LoRA on a 64-wide qkv: A is 8x64, B is 192x8, per block; head 4x64 + 4.
     assert sum(t.numel() for t in state.values()) == 2 * (8 * 64 + 192 * 8) + 4 * 64 + 4
 
@@ -72,14 +77,16 @@ def test_incomplete_or_inconsistent_folders(tmp_path):
     with pytest.raises(TaskRecordError, match="record.json not found"):
         load_task(tmp_path)
     _, task_dir = trained_task(tmp_path)
-    (task_dir / WEIGHTS_FILE).unlink()
-    with pytest.raises(TaskRecordError, match="task.safetensors not found"):
+    tensor_file(task_dir).unlink()
+    with pytest.raises(TaskRecordError, match=r"task-[0-9a-f]{16}\.safetensors not found"):
         load_task(task_dir)
-    record = json.loads((task_dir / RECORD_FILE).read_text())
-    record["depth"] = 4
-    (task_dir / RECORD_FILE).write_text(json.dumps(record))
+    # Another task's tensors under a record that names them (hash and all) but a deeper k.
     _, other_dir = trained_task(tmp_path / "b")
-    (task_dir / WEIGHTS_FILE).write_bytes((other_dir / WEIGHTS_FILE).read_bytes())
+    other = json.loads((other_dir / RECORD_FILE).read_text())
+    record = json.loads((task_dir / RECORD_FILE).read_text())
+    record["depth"], record["files"] = 4, other["files"]
+    (task_dir / RECORD_FILE).write_text(json.dumps(record))
+    (task_dir / other["files"]["task"]["file"]).write_bytes((other_dir / other["files"]["task"]["file"]).read_bytes())
     with pytest.raises(TaskRecordError, match="does not match its record"):
         load_task(task_dir)
     (task_dir / RECORD_FILE).write_text("{not json")
@@ -90,4 +97,44 @@ def test_incomplete_or_inconsistent_folders(tmp_path):
 def test_saving_again_leaves_no_temporary_files(tmp_path):
     model, task_dir = trained_task(tmp_path)
     save_task(task_dir, model, json.loads((task_dir / RECORD_FILE).read_text()))
-    assert sorted(p.name for p in task_dir.iterdir()) == [RECORD_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in task_dir.iterdir()) == [RECORD_FILE, tensor_file(task_dir).name]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte flipped", "not safetensors"])
+def test_a_damaged_tensor_file_is_named_by_its_hash(tmp_path, damage):
+    _, task_dir = trained_task(tmp_path)
+    path = tensor_file(task_dir)
+    data = path.read_bytes()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "one byte flipped":
+        data = data[:-1] + bytes([data[-1] ^ 1])
+    else:
+        data = b"\x00" * len(data)
+    path.write_bytes(data)
+    with pytest.raises(TaskRecordError, match=f"{path.name} is damaged: its sha256 is not the one its record names"):
+        load_task(task_dir)
+
+
+def test_a_record_without_hashes_still_refuses_an_unreadable_file(tmp_path):
+    """A format-2 record names task.safetensors without a hash: a truncated file is one line."""
+    _, task_dir = trained_task(tmp_path)
+    record = json.loads((task_dir / RECORD_FILE).read_text())
+    data = tensor_file(task_dir).read_bytes()
+    record["format"] = 2
+    del record["files"]
+    (task_dir / RECORD_FILE).write_text(json.dumps(record))
+    (task_dir / "task.safetensors").write_bytes(data[:100])
+    with pytest.raises(TaskRecordError, match="task.safetensors is not a readable safetensors file"):
+        load_task(task_dir)
+    (task_dir / "task.safetensors").write_bytes(data)
+    assert len(load_task(task_dir)[0].blocks) == 3
+
+
+def test_a_record_cannot_name_a_file_outside_its_folder(tmp_path):
+    _, task_dir = trained_task(tmp_path)
+    record = json.loads((task_dir / RECORD_FILE).read_text())
+    record["files"]["task"]["file"] = "../../etc/passwd"
+    (task_dir / RECORD_FILE).write_text(json.dumps(record))
+    with pytest.raises(TaskRecordError, match="not a file of its folder"):
+        load_task(task_dir)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("torch_pruning", reason="the DepGraph baseline needs torch-pruning")
 
+from sls.artifact import task_file  # noqa: E402
 from sls.backbones import create_backbone  # noqa: E402
 from sls.baselines.depgraph import MAX_RATIO  # noqa: E402
 from sls.cli import main  # noqa: E402
@@ -29,6 +30,7 @@ from sls.errors import ConfigError  # noqa: E402
 from sls.experiment import load_task  # noqa: E402
 from sls.export import deployable_model, read_export_metadata  # noqa: E402
 from sls.petl import create_petl  # noqa: E402
+from sls.record import read_record  # noqa: E402
 from sls.stages import run  # noqa: E402
 
 # The tiny run of test_pipeline: the top block separates the classes, so SLS prunes (k = 3 of 6).
@@ -83,7 +85,7 @@ def test_rows_cover_the_full_model_sls_and_depgraph(task, compared):
 def test_depgraph_keeps_far_more_bytes_per_task_than_sls(task, compared):
     task_dir, _ = task
     sls_task = compared["rows"][1]
-    assert sls_task["storage_bytes"] == (task_dir / "task.safetensors").stat().st_size + (
+    assert sls_task["storage_bytes"] == task_file(read_record(task_dir), task_dir).stat().st_size + (
         task_dir / "record.json"
     ).stat().st_size
     for row in rows_of(compared, "depgraph"):
@@ -266,7 +268,8 @@ def test_a_task_for_another_backbone_is_refused(task, tmp_path, capsys, command)
     task_dir, _ = task
     other = tmp_path / "other-task"
     other.mkdir()
-    shutil.copy(task_dir / "task.safetensors", other)
+    tensors = task_file(read_record(task_dir), task_dir)
+    shutil.copy(tensors, other)
     record = json.loads((task_dir / "record.json").read_text())
     record["backbone"]["fingerprint"] = "0" * 64
     (other / "record.json").write_text(json.dumps(record))
@@ -277,4 +280,4 @@ def test_a_task_for_another_backbone_is_refused(task, tmp_path, capsys, command)
     err = captured.err.strip()
     assert captured.out == "" and "\n" not in err
     assert "differ from those task" in err and "pass the right --weights" in err
-    assert sorted(p.name for p in other.iterdir()) == ["record.json", "task.safetensors"]  # no export written
+    assert sorted(p.name for p in other.iterdir()) == ["record.json", tensors.name]  # no export written

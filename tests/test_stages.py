@@ -13,10 +13,12 @@ import torch
 import sls.pipeline
 import sls.retrain
 import sls.stages
+from sls.artifact import task_file
 from sls.backbones import create_backbone
 from sls.cli import main
 from sls.config import RunConfig
 from sls.errors import ConfigError, TaskRecordError
+from sls.record import read_record
 from sls.stages import run, stage_finetune, stage_prune
 
 TINY = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200, test_samples=100,
@@ -62,7 +64,8 @@ def test_a_killed_run_resumes_from_its_last_stage(uninterrupted, tmp_path, monke
     config = dataclasses.replace(TINY, out=str(tmp_path / "task"))
     stage_finetune(config)
     stage_prune(config.out, progress=False)
-    pruned_bytes = (tmp_path / "task" / "task.safetensors").read_bytes()
+    pruned_file = task_file(read_record(tmp_path / "task"), tmp_path / "task")
+    pruned_bytes = pruned_file.read_bytes()
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -71,7 +74,7 @@ def test_a_killed_run_resumes_from_its_last_stage(uninterrupted, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         run(config)
     # The interrupted retraining left the folder as the prune stage wrote it.
-    assert (tmp_path / "task" / "task.safetensors").read_bytes() == pruned_bytes
+    assert task_file(read_record(tmp_path / "task"), tmp_path / "task").read_bytes() == pruned_bytes
     assert json.loads((tmp_path / "task" / "record.json").read_text())["stages"] == ["finetune", "prune"]
     assert not [p for p in (tmp_path / "task").iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()
