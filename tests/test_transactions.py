@@ -1,0 +1,136 @@
+"""Task folders as transactions: a crash at any write boundary of any stage, then a
+resume, ends exactly as an uninterrupted run; a second writer is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+
+import pytest
+
+import sls._io
+from sls.artifact import task_file
+from sls.config import RunConfig
+from sls.record import read_record
+from sls.stages import run
+
+# A small task that prunes (depth 3 of 6) and retrains; cka scores need no t-SNE.
+QUICK = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=60, test_samples=30,
+                  analysis_samples=None, epochs=1, retrain_epochs=1, lr=3e-2, batch_size=16, throughput_batch=2,
+                  criterion="cka", depth=3, force=True, progress=False)  # fmt: skip
+
+
+class Crash(BaseException):
+    """The process dying: nothing in sls catches it."""
+
+
+class Boundaries:
+    """Counts every write boundary (an atomic rename, a file removal in the task folder)
+    and kills the run at the chosen one, before or after it takes effect."""
+
+    def __init__(self, crash_at: int | None = None, after: bool = False):
+        self.crash_at, self.after, self.seen, self.names = crash_at, after, 0, []
+        self._replace, self._unlink = os.replace, pathlib.Path.unlink
+
+    def _boundary(self, name: str, do) -> None:
+        index, self.seen = self.seen, self.seen + 1
+        self.names.append(name)
+        if index != self.crash_at:
+            return do()
+        if self.after:
+            do()
+        raise Crash(name)
+
+    def replace(self, src, dst):
+        def do():
+            self._replace(src, dst)
+
+        if self.seen == self.crash_at and not self.after:  # a kill leaves the temporary file behind
+            os.link(src, f"{src}.killed.tmp")
+        self._boundary(pathlib.Path(dst).name, do)
+
+    def unlink(self, path, missing_ok=False):
+        if path.name.endswith(".tmp") or not path.exists():  # cleaning up after a write, not a change
+            return self._unlink(path, missing_ok=missing_ok)
+        self._boundary(f"unlink {path.name}", lambda: self._unlink(path, missing_ok=missing_ok))
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(sls._io.os, "replace", self.replace)
+        monkeypatch.setattr(pathlib.Path, "unlink", lambda path, missing_ok=False: self.unlink(path, missing_ok))
+
+
+def outcome(folder: pathlib.Path) -> dict:
+    """What a finished task folder holds, less what differs between any two runs
+    (timings, throughput figures, where it was written)."""
+    record = json.loads((folder / "record.json").read_text())
+    for run_ in record["runs"]:
+        run_.pop("seconds")
+    record["results"].pop("throughput")
+    record["config"].pop("out")
+    names = sorted(p.name for p in folder.iterdir())
+    for name in ("config.yaml", "training.png", "scores.csv", "scores.png"):
+        assert (folder / name).stat().st_size > 0, name
+    return {"record": record, "files": names, "config.yaml": (folder / "config.yaml").read_text(),
+            "scores.csv": (folder / "scores.csv").read_text()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole") / "task"
+    counter = Boundaries()
+    with pytest.MonkeyPatch.context() as patch:
+        counter.install(patch)
+        run(dataclasses.replace(QUICK, out=str(folder)))
+    return outcome(folder), counter.names
+
+
+def crash_then_resume(folder: pathlib.Path, index: int, after: bool, monkeypatch) -> str:
+    config = dataclasses.replace(QUICK, out=str(folder))
+    boundaries = Boundaries(index, after)
+    with monkeypatch.context() as patch:
+        boundaries.install(patch)
+        with pytest.raises(Crash) as crashed:
+            run(config)
+    if (folder / "record.json").is_file():  # what a reader sees meanwhile is whole and consistent
+        record = read_record(folder)
+        for kind in record.files:
+            assert task_file(record, folder, kind).is_file()
+    run(config)
+    return str(crashed.value)
+
+
+def test_the_write_boundaries_are_what_the_stages_write(uninterrupted):
+    _, names = uninterrupted
+    written = [re.sub(r"-[0-9a-f]{16}", "", n) for n in names if n.endswith(".safetensors")]
+    # finetune writes both files; prune and retrain their task file; evaluate reuses it.
+    assert written == ["finetuned.safetensors", "task.safetensors", "task.safetensors", "unlink task.safetensors",
+                       "task.safetensors", "unlink task.safetensors"]  # fmt: skip
+    assert names.count("record.json") == 4  # one commit per stage
+    assert any(n.startswith("unlink task-") for n in names)  # the superseded tensors, after the record
+
+
+def test_a_crash_just_after_any_tensor_file_or_record_lands_then_resume_equals_an_uninterrupted_run(
+        uninterrupted, tmp_path, monkeypatch):  # fmt: skip
+    """The lean suite's share: the windows between a stage's tensors and its record (where
+    a resume used to retrain retrained tensors) and between a record and its views."""
+    expected, names = uninterrupted
+    for index, name in enumerate(names):
+        if name.endswith(".safetensors") or name == "record.json":
+            folder = tmp_path / f"crash-{index}"
+            where = crash_then_resume(folder, index, True, monkeypatch)
+            assert outcome(folder) == expected, f"crash at write {index} ({where})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after", [False, True], ids=["before-rename", "after-rename"])
+def test_a_crash_at_every_write_boundary_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path,
+                                                                                 monkeypatch, after):  # fmt: skip
+    expected, names = uninterrupted
+    assert len(names) >= 20
+    for index in range(len(names)):
+        folder = tmp_path / f"crash-{index}"
+        where = crash_then_resume(folder, index, after, monkeypatch)
+        assert outcome(folder) == expected, f"crash at write {index} ({where})"
