@@ -134,3 +134,64 @@ def test_a_crash_at_every_write_boundary_then_resume_equals_an_uninterrupted_run
         folder = tmp_path / f"crash-{index}"
         where = crash_then_resume(folder, index, after, monkeypatch)
         assert outcome(folder) == expected, f"crash at write {index} ({where})"
+
+
+HOLD = """
+import sys, time
+from sls._lock import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding a task folder's lock; killed at the end."""
+    import subprocess
+    import sys
+
+    started = []
+
+    def hold(folder: pathlib.Path):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "held"
+        started.append(proc)
+        return proc
+
+    yield hold
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_readers_go_on(tmp_path, holder, capsys):
+    import socket
+
+    from sls.cli import main
+
+    folder = tmp_path / "task"
+    run(dataclasses.replace(QUICK, out=str(folder)))
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".sls.lock"}
+    proc = holder(folder)
+    args = ["--model", "test_vit", "--weights", "random", "--data", "digits", "--img-size", "32", "--quiet"]
+    for command in (["run", *args, "--out", str(folder)], ["prune", str(folder), "--quiet"],
+                    ["evaluate", str(folder), "--quiet"], ["finetune", *args, "--out", str(folder)]):  # fmt: skip
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"sls: error: {folder} is being written by pid {proc.pid} on "
+                                                  f"{socket.gethostname()}"), err  # fmt: skip
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".sls.lock"} == before
+    assert main(["show", str(folder)]) == 0  # readers never need the lock
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, holder, capsys):
+    folder = tmp_path / "task"
+    proc = holder(folder)
+    proc.kill()
+    proc.wait()
+    assert json.loads((folder / ".sls.lock").read_text())["pid"] == proc.pid  # left behind, holding nothing
+    record = run(dataclasses.replace(QUICK, out=str(folder)))
+    assert record.stages == ["finetune", "prune", "retrain", "evaluate"]
+    assert f"took over the lock of pid {proc.pid}" in capsys.readouterr().err
+    assert (folder / ".sls.lock").read_text() == ""  # released
