@@ -219,7 +219,8 @@ def _sweep(args: argparse.Namespace) -> int:
         if row["level"] != "task" and row["full_accuracy"] is not None:
             print(f"{row['method']} / {row['group']} ({row['level']}): accuracy {100 * row['full_accuracy']:.1f}% -> "
                   f"{100 * row['pruned_accuracy']:.1f}%, mean k {row['depth']:.1f}, speed-up {row['speedup']:.2f}x")
-    print(f"{len(report.ran)} run, {len(report.skipped)} already done, {len(report.failed)} failed; "
+    busy = f", {len(report.busy)} being written elsewhere" if report.busy else ""
+    print(f"{len(report.ran)} run, {len(report.skipped)} already done, {len(report.failed)} failed{busy}; "
           f"summary: {', '.join(str(path) for path in report.files)}")
     if report.failed:
         print(f"sls: error: {len(report.failed)} task(s) failed: {', '.join(report.failed)}", file=sys.stderr)

@@ -29,7 +29,10 @@ methods; its group is its ``group``, else the VTAB-1k group of its name
 Running again skips the tasks whose folder holds a complete run with the same
 settings and resumes the interrupted ones (:func:`sls.stages.run`). A task that
 fails (a user error, or any other exception such as CUDA running out of memory, whose
-traceback is printed) is reported and the sweep goes on.
+traceback is printed) is reported, its error kept in ``<task>/failed.json`` (so every
+shard's summary lists it, until a re-run finishes it), and the sweep goes on; the exit
+status says some failed, and running again retries only failed and unfinished tasks.
+A task another process is writing (an overlapping shard) is left to it: ``busy``.
 ``shard=(i, n)`` runs tasks i, i+n, i+2n, ... only, so n machines or GPUs can share a
 sweep; the summary always covers every task whose folder is complete.
 """
@@ -38,6 +41,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import socket
+import time
 import math
 import sys
 import traceback
@@ -45,10 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sls import distributed
-from sls._io import atomic_write, write_text
+from sls._io import atomic_write, write_json, write_text
+from sls._lock import describe_holder, folder_lock, holder
 from sls.config import RunConfig, config_fields, read_yaml, settings_from_mapping
 from sls.data import EMBEDDED_DATASETS
-from sls.errors import ConfigError, SLSError, TaskRecordError
+from sls.errors import ConfigError, FolderLockedError, SLSError, TaskRecordError
 from sls.recipes import apply_recipe
 from sls.record import RECORD_FILE, read_record
 from sls.stages import changed_settings, run
@@ -57,6 +64,8 @@ from sls.vtab import GROUPS, VTAB1K_GROUPS, vtab_group
 _TASK_KEYS = ("name", "group")
 _NOT_PER_TASK = ("out", "progress")  # the sweep sets them
 _TOP_KEYS = ("out", "data_root", "defaults", "methods", "tasks")
+FAILURE_FILE = "failed.json"
+"""In a task folder: the error of the last sweep attempt that failed (gone once it succeeds)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ class SweepReport:
         ran: tasks run (or resumed) to completion now.
         skipped: tasks already complete with the same settings.
         failed: task name -> the error message.
+        busy: task name -> who is writing it (another shard).
         rows: the summary rows (every task, every group), as written to ``summary.csv``.
         files: the summary files written (none for a dry run).
     """
@@ -93,6 +103,7 @@ class SweepReport:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    busy: dict[str, str] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
@@ -198,18 +209,46 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def task_status(task: SweepTask) -> str:
-    """``done`` (complete, same settings), ``partial`` (resumable), ``other settings``
+    """``done`` (complete, same settings), ``busy`` (another process is writing it),
+    ``failed`` (its last attempt failed), ``partial`` (resumable), ``other settings``
     (a run with other settings is there: it will be refused) or ``new``."""
     folder = Path(task.config.out)
+    if holder(folder) is not None:
+        return "busy"
     if not (folder / RECORD_FILE).is_file():
-        return "new"
+        return "failed" if (folder / FAILURE_FILE).is_file() else "new"
     try:
         record = read_record(folder)
     except TaskRecordError:
         return "other settings"
     if changed_settings(task.config, record):
         return "other settings"
-    return "done" if "evaluate" in record.stages else "partial"
+    if "evaluate" in record.stages:
+        return "done"
+    return "failed" if (folder / FAILURE_FILE).is_file() else "partial"
+
+
+def recorded_failure(task: SweepTask) -> str | None:
+    """The error kept by the task's last failed attempt, if any."""
+    path = Path(task.config.out) / FAILURE_FILE
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "failed (its failed.json is unreadable)" if path.exists() else None
+
+
+def _keep_failure(task: SweepTask, error: str | None) -> None:
+    """Write (or, ``None``, remove) the task's failure file, unless another process took the folder."""
+    folder = Path(task.config.out)
+    try:
+        with folder_lock(folder):
+            if error is None:
+                (folder / FAILURE_FILE).unlink(missing_ok=True)
+            else:
+                write_json(folder / FAILURE_FILE, {"error": error, "host": socket.gethostname(),
+                                                   "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+    except (FolderLockedError, OSError):
+        pass
 
 
 def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
@@ -239,23 +278,34 @@ def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
             report.skipped.append(task.name)
             say(f"{head}: already done, skipped")
             continue
-        say(f"{head}: {'resuming' if status == 'partial' else 'running'}")
+        if status == "busy":
+            report.busy[task.name] = describe_holder(holder(task.config.out) or {})
+            say(f"{head}: being written by {report.busy[task.name]}, left to it")
+            continue
+        say(f"{head}: {'running' if status == 'new' else 'resuming'}")
         try:
             record = run(task.config)
+        except FolderLockedError as err:  # another shard took it in the meantime
+            report.busy[task.name] = str(err)
+            say(f"{head}: {err}, left to it")
+            continue
         except SLSError as err:
             report.failed[task.name] = str(err)
             say(f"{head}: FAILED: {err}")
+            distributed.run_on_main(_keep_failure, task, str(err))
             continue
         except Exception as err:  # one task's fault (CUDA out of memory, a bug) must not end the sweep
             report.failed[task.name] = f"{type(err).__name__}: {err}"
             say(f"{head}: FAILED ({type(err).__name__}): {err}")
             traceback.print_exc(file=sys.stderr)
+            distributed.run_on_main(_keep_failure, task, report.failed[task.name])
             continue
+        distributed.run_on_main(_keep_failure, task, None)
         report.ran.append(task.name)
         say(f"{head}: done; {_one_line(_task_row(task, record.to_dict()))}")
     report.rows = summary_rows(sweep, report.failed)
-    if not dry_run:
-        report.files = distributed.run_on_main(write_summary, sweep, report.rows)
+    if not dry_run:  # overlapping shards take turns writing the summary
+        report.files = distributed.run_on_main(_write_summary_locked, sweep, report.rows)
     return report
 
 
@@ -308,12 +358,13 @@ def summary_rows(sweep: Sweep, failed: dict[str, str] | None = None) -> list[dic
     rows = []
     for task in sweep.tasks:
         status = task_status(task)
-        if task.name in failed:
-            rows.append(_task_row(task, None, "failed", failed[task.name]))
-        elif status == "done":
+        error = failed.get(task.name) or (recorded_failure(task) if status == "failed" else None)
+        if status == "done":
             rows.append(_task_row(task, read_record(task.config.out).to_dict()))
+        elif error is not None:
+            rows.append(_task_row(task, None, "failed", error))
         else:
-            rows.append(_task_row(task, None, "pending" if status != "other settings" else status))
+            rows.append(_task_row(task, None, status if status in ("busy", "other settings") else "pending"))
     methods = list(dict.fromkeys(task.method for task in sweep.tasks))
     groups = [g for g in GROUPS if any(t.group == g for t in sweep.tasks)]
     groups += sorted({t.group for t in sweep.tasks} - set(GROUPS))
@@ -437,6 +488,11 @@ def plot_summary(path: Path, rows: list[dict], title: str) -> Path:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def _write_summary_locked(sweep: Sweep, rows: list[dict]) -> list[Path]:
+    with folder_lock(sweep.out, wait=120, what="sweep summary"):
+        return write_summary(sweep, rows)
 
 
 def write_summary(sweep: Sweep, rows: list[dict]) -> list[Path]:

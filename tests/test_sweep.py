@@ -214,3 +214,51 @@ def test_a_task_that_crashes_does_not_end_the_sweep(tmp_path, monkeypatch):
     report = run_sweep(sweep, log=lambda message: None)
     assert report.failed["dtd"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert "cifar" in report.ran and "eurosat" in report.ran  # the tasks after it ran
+
+
+def test_a_failure_is_kept_for_every_shard_and_cleared_by_a_successful_retry(tmp_path, monkeypatch):
+    results = {"cifar": ((0.9, 0.8), 6, 2.0, 1000), "eurosat": ((0.9, 0.9), 4, 3.0, 2000)}
+    run, calls = fake_run(results)
+    monkeypatch.setattr(sls.sweep, "run", run)
+    sweep = load_sweep(write_yaml(tmp_path / "grid.yaml", GRID), out=tmp_path / "out", progress=False)
+    run_sweep(sweep, shard=(0, 2), log=lambda message: None)  # cifar, eurosat, missing (fails)
+    calls.clear()
+    other = run_sweep(sweep, shard=(1, 2), log=lambda message: None)  # dtd, kitti (both fail here)
+    assert calls == ["dtd", "kitti"]
+    statuses = {r["task"]: (r["status"], r["error"]) for r in other.rows if r["level"] == "task"}
+    # The other shard's failure is in this shard's summary, with its error.
+    assert statuses["missing"] == ("failed", "missing: no such data")
+    assert statuses["dtd"] == ("failed", "dtd: no such data") and statuses["cifar"][0] == "done"
+    assert "3 failed" in (tmp_path / "out" / "summary.md").read_text()
+    # The data appears: a re-run retries only the failed tasks, and their failures are gone.
+    results.update({"dtd": ((0.5, 0.5), 3, 1.5, 500), "kitti": ((0.5, 0.5), 3, 1.5, 500),
+                    "missing": ((0.5, 0.5), 3, 1.5, 500)})  # fmt: skip
+    calls.clear()
+    again = run_sweep(sweep, log=lambda message: None)
+    assert sorted(calls) == ["dtd", "kitti", "missing"] and sorted(again.skipped) == ["cifar", "eurosat"]
+    assert not list((tmp_path / "out").glob("*/failed.json"))
+    assert all(r["status"] == "done" for r in again.rows if r["level"] == "task")
+
+
+def test_a_task_another_shard_is_writing_is_left_to_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    run, calls = fake_run({"cifar": ((0.9, 0.8), 6, 2.0, 1000), "dtd": ((0.9, 0.9), 4, 3.0, 2000),
+                           "eurosat": ((0.9, 0.9), 4, 3.0, 2000), "kitti": ((0.9, 0.9), 4, 3.0, 2000),
+                           "missing": ((0.9, 0.9), 4, 3.0, 2000)})  # fmt: skip
+    monkeypatch.setattr(sls.sweep, "run", run)
+    sweep = load_sweep(write_yaml(tmp_path / "grid.yaml", GRID), out=tmp_path / "out", progress=False)
+    hold = ("import sys, time\nfrom sls._lock import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(60)\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "out" / "dtd")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        report = run_sweep(sweep, log=lambda message: None)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "dtd" not in calls and report.busy["dtd"].startswith(f"pid {proc.pid} on ")
+    assert not report.failed
+    statuses = {r["task"]: r["status"] for r in report.rows if r["level"] == "task"}
+    assert statuses["dtd"] == "busy" and statuses["cifar"] == "done"
