@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+
+from sls.errors import DiskFullError
+
+_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+         errno.EFBIG: "the file is larger than this process may write"}  # fmt: skip
 
 
 def _umask() -> int:
@@ -23,22 +29,33 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     file gets the permissions a plain ``open(path, "w")`` would (``0o666`` less the
     umask, so a team on shared storage can read it; ``mkstemp`` alone gives ``0o600``),
     and it is flushed to disk before the rename, and the rename after it.
+
+    Raises:
+        DiskFullError: the disk (or quota, or file size limit) ran out; the temporary
+            file is removed and ``path`` is as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        if err.errno not in _FULL:
+            raise
+        raise DiskFullError(f"could not write {path}: {_FULL[err.errno]} ({err.strerror}); free some space and "
+                            "run the command again (nothing under that name was changed)") from None  # fmt: skip
     finally:
-        with suppress(FileNotFoundError):
-            tmp_path.unlink()
+        if tmp_path is not None:
+            with suppress(OSError):
+                tmp_path.unlink()
     return path
 
 

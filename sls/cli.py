@@ -397,6 +397,26 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    import time
+
+    from sls import features
+
+    folder = features.features_dir()
+    if args.action == "clear":
+        count, size = features.clear(folder)
+        print(f"removed {count} cached feature file(s), {size / 2**20:.1f} MB, from {folder}")
+        return 0
+    found = features.entries(folder)
+    for entry in reversed(found):  # most recently used first
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        print(f"{entry.path.name}  {entry.bytes / 2**20:8.1f} MB  last used {used}")
+    total = sum(e.bytes for e in found)
+    print(f"{len(found)} entries, {total / 2**20:.1f} MB of {features.max_bytes() / 2**20:.0f} MB "
+          f"(SLS_CACHE_MAX_MB) in {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sls", description="Prune tail blocks of PETL-adapted vision transformers (SLS, ECCV 2024).")
     parser.add_argument("--version", action="version", version=f"sls {__version__}")
@@ -434,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the tasks and their state; run nothing")
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
     sweep.set_defaults(handler=_sweep)
+
+    cache = commands.add_parser("cache", help="the feature cache: list its entries or clear it "
+                                              "(folder: $SLS_CACHE, else $XDG_CACHE_HOME/sls, else ~/.cache/sls)")  # fmt: skip
+    cache.add_argument("action", choices=("list", "clear"), help="list: entries, sizes, last use; clear: remove all")
+    cache.set_defaults(handler=_cache)
 
     from sls.criteria import list_criteria
 

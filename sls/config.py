@@ -44,7 +44,7 @@ DEMO_IMG_SIZE = 84
 
 RUNTIME_KEYS = ("device", "amp", "channels_last")
 """Where and how the models run: any command may change them, a resumed run included."""
-NOT_COMPARED = ("out", "progress", "force", *RUNTIME_KEYS)
+NOT_COMPARED = ("out", "progress", "force", "cache", *RUNTIME_KEYS)
 """Settings that may differ between a run and its resumption (``force`` is a permission, not a setting)."""
 
 
@@ -139,6 +139,8 @@ class RunConfig:
         "mixed precision: autocast to bfloat16 (float16 on GPUs without it) for training, evaluation and "
         "throughput; block scores stay float32"))
     channels_last: bool = field(default=False, metadata=_opt("channels-last memory layout for the model and batches"))
+    cache: bool = field(default=True, metadata=_opt(
+        "read and write the block features in the feature cache (--no-cache: compute them afresh, store nothing)"))
     recipe: str | None = field(default=None, metadata=_opt("preset of these settings; an option given wins",
                                                            choices="recipes"))
     out: str | None = field(default=None, metadata=_opt("task folder (default: runs/<data>-<model>-<petl>-<time>)"))

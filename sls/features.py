@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
+import warnings
+import zipfile
+from contextlib import suppress
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from torch import nn
@@ -19,9 +25,26 @@ from torch.utils.data import DataLoader
 
 from sls import distributed
 from sls._io import atomic_write, cache_dir
+from sls.errors import DiskFullError
 from sls.backbones import BlockFeatures, block_features, fingerprint
 
 CACHE_FORMAT = 1
+DEFAULT_MAX_MB = 2048
+
+
+def features_dir() -> Path:
+    """The feature cache folder (not created here)."""
+    return cache_dir() / "features"
+
+
+def max_bytes() -> int:
+    """The cache's size cap: ``$SLS_CACHE_MAX_MB`` megabytes (default 2048)."""
+    text = os.environ.get("SLS_CACHE_MAX_MB", str(DEFAULT_MAX_MB))
+    try:
+        return int(float(text) * 1024 * 1024)
+    except ValueError:
+        warnings.warn(f"SLS_CACHE_MAX_MB={text!r} is not a number; using {DEFAULT_MAX_MB}", stacklevel=2)
+        return DEFAULT_MAX_MB * 1024 * 1024
 
 
 def feature_key(model: nn.Module, **parts) -> str:
@@ -62,7 +85,8 @@ def cached_block_features(
     """
     if not use_cache:
         return block_features(model, loader, progress=progress), False
-    path = (cache or cache_dir() / "features") / f"{feature_key(model, **key_parts)}.npz"
+    folder = cache or features_dir()
+    path = folder / f"{feature_key(model, **key_parts)}.npz"
     # In a process group the main process alone reads and writes the cache, and the
     # others follow its answer: they all run the pass together or none does.
     stored = distributed.run_on_main(_read_cached, path)
@@ -75,13 +99,67 @@ def cached_block_features(
         with tmp.open("wb") as fh:
             np.savez(fh, n_blocks=len(result.features), labels=result.labels, block_input=result.block_input, **arrays)
 
-    distributed.run_on_main(atomic_write, path, write)
+    distributed.run_on_main(_store, path, write, folder)
     return result, False
+
+
+def _store(path: Path, write, folder: Path) -> None:
+    try:
+        atomic_write(path, write)
+    except (DiskFullError, PermissionError) as err:
+        warnings.warn(f"the block features were not cached: {err}", stacklevel=3)
+        return
+    evict(folder, max_bytes(), keep=path)
+
+
+class CacheEntry(NamedTuple):
+    path: Path
+    bytes: int
+    last_used: float
+
+
+def entries(folder: Path | None = None) -> list[CacheEntry]:
+    """The cache's entries, least recently used first."""
+    folder = folder or features_dir()
+    found = []
+    for path in folder.glob("*.npz") if folder.is_dir() else []:
+        with suppress(FileNotFoundError):
+            stat = path.stat()
+            found.append(CacheEntry(path, stat.st_size, stat.st_mtime))
+    return sorted(found, key=lambda e: (e.last_used, e.path.name))
+
+
+def evict(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Remove least recently used entries until the folder holds at most ``limit`` bytes
+    (``keep``, the entry just written, stays even alone over the cap). Returns those removed."""
+    found = entries(folder)
+    total, removed = sum(e.bytes for e in found), []
+    for entry in found:
+        if total <= limit:
+            break
+        if entry.path == keep:
+            continue
+        with suppress(FileNotFoundError):
+            entry.path.unlink()
+        total -= entry.bytes
+        removed.append(entry.path)
+    return removed
+
+
+def clear(folder: Path | None = None) -> tuple[int, int]:
+    """Empty the feature cache. Returns (entries, bytes) removed."""
+    found = entries(folder)
+    for entry in found:
+        with suppress(FileNotFoundError):
+            entry.path.unlink()
+    return len(found), sum(e.bytes for e in found)
 
 
 def _read_cached(path: Path) -> BlockFeatures | None:
     if not path.is_file():
         return None
+    with suppress(OSError):
+        os.utime(path, (time.time(), time.time()))  # used now: the last to be evicted
     try:
         with np.load(path) as stored:
             n_blocks = int(stored["n_blocks"])
@@ -90,5 +168,7 @@ def _read_cached(path: Path) -> BlockFeatures | None:
                 labels=stored["labels"],
                 block_input=stored["block_input"],
             )
-    except (OSError, KeyError, ValueError):
-        return None  # an unreadable cache entry is recomputed and replaced
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        warnings.warn(f"the cached features {path} are unreadable ({type(err).__name__}); computing them again",
+                      stacklevel=3)  # fmt: skip
+        return None

@@ -90,7 +90,8 @@ def score_blocks(exp: Experiment, criterion: str | None = None) -> DepthSelector
     """One pass (cached) for every block's pooled feature, then scores, threshold and k."""
     cfg, bb = exp.config, exp.backbone
     key = feature_key_parts(exp.data, "train", exp.analysed, bb.img_size, bb.mean, bb.std, bb.interpolation)
-    analysis, _ = cached_block_features(exp.model, exp.analysis_loader, key_parts=key, progress=cfg.progress)
+    analysis, _ = cached_block_features(exp.model, exp.analysis_loader, key_parts=key, use_cache=cfg.cache,
+                                       progress=cfg.progress)
     selector = DepthSelector(alpha=cfg.alpha, criterion=criterion or cfg.criterion, tsne=cfg.tsne,
                              perplexity=cfg.perplexity, random_state=cfg.tsne_seed, n_seeds=cfg.tsne_seeds,
                              progress=cfg.progress)  # fmt: skip

@@ -51,7 +51,7 @@ from sls.train import accuracy
 STAGES = ("finetune", "prune", "retrain", "evaluate")
 STAGE_SETTINGS = {
     "prune": ("alpha", "alphas", "criterion", "tsne", "perplexity", "tsne_seed", "tsne_seeds", "depth", "max_drop",
-              "val_samples", "analysis_samples", "force", "throughput_batch"),
+              "val_samples", "analysis_samples", "force", "throughput_batch", "cache"),
     "retrain": ("retrain_epochs", "retrain_strategy", "retrain_options"),
     "evaluate": ("throughput_batch",),
 }
@@ -66,8 +66,9 @@ def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None) -
             where = "a setting of the fine-tune" if key in config_fields() else "not a setting"
             raise ConfigError(f"sls {stage} cannot set {key!r} ({where}){nearest(key, allowed)}; "
                               f"it takes {', '.join(STAGE_SETTINGS[stage])}")  # fmt: skip
-    # Where a stage runs is not part of the task: not given, it is the default, never the record's.
-    settings = {"device": "auto", "amp": False, "channels_last": False, **settings}
+    # Where a stage runs (and whether it caches features) is not part of the task: not
+    # given, it is the default, never the record's.
+    settings = {"device": "auto", "amp": False, "channels_last": False, "cache": True, **settings}
     if stage == "prune" and settings.get("depth") is not None and "max_drop" not in settings:
         settings["max_drop"] = None  # a given depth replaces the recorded --max-drop search
     trains = stage == "retrain" or (stage == "prune" and settings.get("max_drop") is not None)
@@ -320,7 +321,7 @@ def run(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
     config = dataclasses.replace(config, out=str(out))
     runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
     later = {"progress": config.progress, **{key: getattr(config, key) for key in RUNTIME_KEYS}}
-    prune_later = {**later, "force": config.force}
+    prune_later = {**later, "force": config.force, "cache": config.cache}
     check_writable(out)
     with writing(out):
         done: list[str] = []
