@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from sls import distributed
 from sls._io import atomic_write, cache_dir
-from sls.errors import DiskFullError
 from sls.backbones import BlockFeatures, block_features, fingerprint
+from sls.errors import DiskFullError
 
 CACHE_FORMAT = 1
 DEFAULT_MAX_MB = 2048

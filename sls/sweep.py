@@ -42,10 +42,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import socket
-import time
 import math
+import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -12,8 +12,8 @@ from sls.artifact import RECORD_FILE, save_task, task_file, task_tensor_bytes
 from sls.backbones import create_backbone, truncate
 from sls.errors import TaskRecordError
 from sls.experiment import load_task
-from sls.record import read_record
 from sls.petl import create_petl
+from sls.record import read_record
 
 
 def trained_task(tmp_path, petl="lora", depth=3, weights="random"):
