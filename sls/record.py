@@ -22,9 +22,12 @@ says whether the task was pruned.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
 
 from sls import __version__
 from sls.config import RunConfig, config_fields
@@ -36,6 +39,7 @@ READABLE_FORMATS = (1, 2, 3)
 LEGACY_FILES = {"task": {"file": "task.safetensors"}, "finetuned": {"file": "finetuned.safetensors"}}
 """The tensor files of a record before format 3 (no hash to check them against)."""
 _REQUIRED = ("backbone", "petl", "depth", "num_classes")
+_BACKBONE_KEYS = ("model", "fingerprint", "num_blocks", "img_size", "mean", "std")
 _OPTIONAL = ("criterion", "tsne", "alpha", "scores", "scores_std", "depths_per_seed", "threshold", "selected_depth",
              "selection_reason", "selection_margin", "passing_below", "depth_per_alpha", "budget_search",
              "retrain_strategy", "retrain_options", "retrain_epochs", "retrain_budget", "finetune_check")  # fmt: skip
@@ -151,7 +155,22 @@ class TaskRecord:
             name = entry.get("file") if isinstance(entry, dict) else None
             if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
                 raise TaskRecordError(f"{where} names a {kind} tensor file that is not a file of its folder: {name!r}")
-        return cls(**values)
+        try:
+            record = _adapter().validate_python(values)
+        except ValidationError as err:
+            first = err.errors()[0]
+            place = ".".join(map(str, first["loc"]))
+            raise TaskRecordError(f"{where} does not hold a task record sls can read: {place}: {first['msg']}") from None
+        missing = [key for key in _BACKBONE_KEYS if key not in record.backbone]
+        if missing or "method" not in record.petl:
+            raise TaskRecordError(f"{where} does not hold a task record sls can read: it lacks "
+                                  f"{', '.join([*(f'backbone.{k}' for k in missing), *([] if 'method' in record.petl else ['petl.method'])])}")  # fmt: skip
+        return record
+
+
+@functools.cache
+def _adapter() -> TypeAdapter:
+    return TypeAdapter(TaskRecord)
 
 
 def read_record(task_dir: str | Path) -> TaskRecord:

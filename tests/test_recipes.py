@@ -159,7 +159,10 @@ def test_a_record_from_before_the_new_settings_still_resumes():
     config = RunConfig()
     old = {k: v for k, v in dataclasses.asdict(config).items()
            if k not in ("warmup_epochs", "min_lr", "drop_path", "normalize", "recipe")}  # fmt: skip
-    record = TaskRecord.from_dict({"config": old, "backbone": {}, "petl": {}, "depth": 1, "num_classes": 2})
+    backbone = {"model": "test_vit", "fingerprint": "0" * 64, "num_blocks": 6, "img_size": 32, "mean": [0.5] * 3,
+                "std": [0.5] * 3}  # fmt: skip
+    record = TaskRecord.from_dict({"config": old, "backbone": backbone, "petl": {"method": "lora"}, "depth": 1,
+                                   "num_classes": 2})  # fmt: skip
     assert changed_settings(config, record) == []
     assert changed_settings(dataclasses.replace(config, drop_path=0.1), record) == ["drop_path"]
 

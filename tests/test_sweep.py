@@ -100,7 +100,9 @@ def fake_run(results: dict):
         if name not in results:
             raise DataError(f"{name}: no such data")
         accuracy, depth, speedup, storage = results[name]
-        record = {"format": 1, "backbone": {"num_blocks": 12}, "petl": {}, "num_classes": 3, "depth": depth,
+        backbone = {"model": config.model, "fingerprint": "0" * 64, "num_blocks": 12, "img_size": 224,
+                    "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
+        record = {"format": 1, "backbone": backbone, "petl": {"method": "lora"}, "num_classes": 3, "depth": depth,
                   "stages": ["finetune", "prune", "retrain", "evaluate"],
                   "config": dataclasses.asdict(config),
                   "results": {"accuracy": {"full": accuracy[0], "pruned_no_retrain": 0.1, "pruned_retrained": accuracy[1]},
