@@ -80,6 +80,7 @@ def folder_lock(folder: str | Path, *, wait: float = 0.0, what: str = "task fold
         FolderLockedError: another live process holds it.
     """
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     if key in _held:
@@ -121,5 +122,9 @@ def folder_lock(folder: str | Path, *, wait: float = 0.0, what: str = "task fold
             del _held[key]
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)  # nobody holds it: a reader finds it empty
+                if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                    # A first write that failed before writing anything leaves no folder behind.
+                    (folder / LOCK_FILE).unlink()
+                    folder.rmdir()
     finally:
         os.close(fd)  # closing drops the flock

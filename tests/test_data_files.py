@@ -186,3 +186,39 @@ def test_too_few_images_for_tsne_is_found_before_training(tmp_path, capsys):
     assert main(args) == 2
     assert "needs more than 90 samples, got 80 training images" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def bomb_png(path, side=40000):
+    """A PNG whose header claims side x side pixels (1.6 G at 40000): PIL's default limit
+    refuses it at open, before decoding a byte (what a decompression bomb looks like)."""
+    import struct
+    import zlib
+
+    write_image(path, 0)
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", side, side)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_an_image_over_pils_pixel_limit_is_a_bad_image_not_a_crash(tmp_path, monkeypatch, capsys):
+    root = make_vtab(tmp_path)
+    bomb_png(root / "images" / "test_1.png")
+    # Between PIL's limit and twice it PIL only warns and decodes; that is refused too.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # the others have 144
+    write_image(root / "images" / "test_2.png", 0, size=13)  # 169 pixels: over 150, under 300
+    data = load_dataset(str(root))
+    with pytest.raises(DataError, match=r"test_1.png: .*refused as a possible decompression bomb"):
+        ImageDataset(data, make_splits(data).test, TRANSFORM)[next(
+            i for i, j in enumerate(make_splits(data).test) if data.item_name(j).endswith("test_1.png"))]
+    dataset = ImageDataset(data, make_splits(data).test, TRANSFORM, skip_bad=True)
+    names = sorted(reason.split(":")[0].rsplit("/", 1)[-1] for _, reason in dataset.skipped)
+    assert names == ["test_1.png", "test_2.png"] and len(dataset) == 4
+    assert all("decompression bomb" in reason for _, reason in dataset.skipped)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
+    assert main(["data", "check", str(root)]) == 2  # only the bomb is bad now
+    captured = capsys.readouterr()
+    assert "test_1.png" in captured.out and "test_2.png" not in captured.out
+    assert captured.err.strip() == f"sls: error: {root}: 1 unreadable image(s)"

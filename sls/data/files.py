@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,11 +69,18 @@ class LabelledFiles:
 
 
 def read_image(path: str | Path, *, listed_in: str | None = None, hint: str = "") -> Image.Image:
-    """An image file as 8-bit RGB; a missing or undecodable file raises DataError naming it."""
+    """An image file as 8-bit RGB; a missing or undecodable file raises DataError naming it,
+    and so does one over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, where PIL only
+    warns up to twice that): a decompression bomb would take gigabytes to decode."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{path}: {' '.join(str(err).split())[:200]}; refused as a possible decompression bomb "
+                        "(raise PIL.Image.MAX_IMAGE_PIXELS if you trust it)") from None  # fmt: skip
     except FileNotFoundError:
         where = f" (listed in {listed_in})" if listed_in else ""
         raise DataError(f"{path}: file not found{where}") from None
