@@ -179,13 +179,19 @@ def export_model(
 
 def read_export_metadata(path: str | Path) -> dict:
     """The metadata :func:`export_model` stored in a ``.safetensors`` export."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path} is not a readable .safetensors export ({' '.join(str(err).split())[:120]})") from None
     if METADATA_KEY not in header:
         raise ConfigError(f"{path} was not exported by sls (no {METADATA_KEY!r} metadata)")
-    return json.loads(header[METADATA_KEY])
+    try:
+        return json.loads(header[METADATA_KEY])
+    except ValueError:
+        raise ConfigError(f"{path}: its {METADATA_KEY!r} metadata is not JSON; the export is damaged") from None
 
 
 @torch.inference_mode()

@@ -154,3 +154,13 @@ def test_predict_gives_labels_and_class_probabilities(images):
     assert torch.equal(labels, reference(model, images).argmax(dim=1))
     with pytest.raises(ConfigError, match="batch of images"):
         predict(model, images[0])
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, b"PK\x03\x04 a zip, not safetensors"])
+def test_reading_an_export_of_the_wrong_format_is_one_line(tmp_path, content):
+    from sls.errors import ConfigError
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{path} is not a readable .safetensors export"):
+        read_export_metadata(path)
