@@ -93,7 +93,7 @@ def test_random_weights_are_reproducible_and_fingerprinted():
     assert fingerprint(second) != info.fingerprint
 
 
-def test_weights_file_goes_through_timm(tmp_path):
+def test_a_weights_file_loads_into_the_backbone_with_a_fresh_head(tmp_path):
     from safetensors.torch import save_file
 
     source, info = create_backbone("test_vit", num_classes=3, weights="random")
@@ -129,3 +129,81 @@ def test_an_input_size_that_is_not_whole_patches_is_refused_at_creation():
         create_backbone("test_vit", num_classes=3, weights="random", img_size=30)
     with pytest.raises(ConfigError, match="use --img-size 16$"):
         create_backbone("test_vit", num_classes=3, weights="random", img_size=12)
+
+
+class _MakesFolder:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_code_running_pth_stays_inert_whatever_timm_does(tmp_path, monkeypatch):
+    """timm 1.0.20-1.0.24 load with weights_only=False: make every timm loader do so, and
+    the file is still refused unrun, because sls reads checkpoints itself."""
+    import timm.models._builder
+    import timm.models._helpers
+
+    def unsafe(path, *args, **kwargs):
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    for module in (timm.models._helpers, timm.models._builder):
+        for name in ("load_state_dict", "load_checkpoint"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, unsafe)
+    model, _ = create_backbone("test_vit", num_classes=3, weights="random")
+    marker = tmp_path / "code-ran"
+    torch.save(model.state_dict() | {"payload": _MakesFolder(str(marker))}, tmp_path / "evil.pth")
+    with pytest.raises(ConfigError, match="refused to load .*evil.pth: it is a pickle that needs"):
+        create_backbone("test_vit", num_classes=3, weights=tmp_path / "evil.pth")
+    assert not marker.exists()
+    unsafe(tmp_path / "evil.pth")  # the payload is live: loaded unsafely it runs
+    assert marker.is_dir()
+
+
+def test_the_keys_of_a_checkpoint_are_checked_from_load_state_dict_not_from_log_text(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    source, info = create_backbone("test_vit", num_classes=3, weights="random")
+    state = {k: v.clone() for k, v in source.state_dict().items() if not k.startswith("head.")}
+    cases = {
+        "missing": {k: v for k, v in state.items() if k != "blocks.2.mlp.fc1.weight"},
+        "unexpected": state | {"blocks.9.extra.weight": torch.zeros(2)},
+        "shape-mismatched": state | {"blocks.0.norm1.weight": torch.ones(65)},
+    }
+    for kind, broken in cases.items():
+        path = tmp_path / f"{kind}.safetensors"
+        save_file(broken, str(path))
+        with caplog.at_level("CRITICAL", logger="timm"):  # whatever timm logs (or not), the keys are named
+            with pytest.raises(ConfigError, match=f"does not fit test_vit: 1 {kind} keys \\((blocks\\.[\\w.]+)"):
+                create_backbone("test_vit", num_classes=3, weights=path)
+    # Wrapped as training scripts save it (a 'model' entry, DataParallel's 'module.' prefix): read as is.
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "wrapped.pth")
+    loaded, again = create_backbone("test_vit", num_classes=3, weights=tmp_path / "wrapped.pth")
+    assert again.fingerprint == info.fingerprint
+
+
+def test_a_checkpoint_at_another_resolution_is_resampled_by_the_familys_timm_filter(tmp_path):
+    from safetensors.torch import save_file
+
+    source, _ = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
+    path = tmp_path / "at32.safetensors"
+    save_file({k: v for k, v in source.state_dict().items() if not k.startswith("head.")}, str(path))
+    model, _ = create_backbone("test_vit", num_classes=3, weights=path, img_size=64)
+    assert model.pos_embed.shape[1] == source.pos_embed.shape[1] - 4 + 16  # 2x2 -> 4x4 patches (+ prefix tokens)
+    torch.testing.assert_close(model.cls_token, source.cls_token)
+
+
+@pytest.mark.parametrize(("name", "content"), [("junk.pth", b"not a pickle at all"), ("cut.pth", None),
+                                               ("junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{bad")])  # fmt: skip
+def test_a_damaged_weights_file_is_one_line_naming_it(tmp_path, name, content):
+    if content is None:  # a torch.save file cut short
+        model, _ = create_backbone("test_vit", num_classes=3, weights="random")
+        torch.save(model.state_dict(), tmp_path / name)
+        content = (tmp_path / name).read_bytes()[:3000]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ConfigError, match=f"weights file {tmp_path / name} is not a readable checkpoint"):
+        create_backbone("test_vit", num_classes=3, weights=tmp_path / name)

@@ -19,7 +19,7 @@ from sls.analyze import AnalyzeConfig, analyze
 from sls.cli import main
 from sls.compare import compare
 from sls.config import MIN_STEPS, RunConfig, auto_epochs, resolve
-from sls.errors import ConfigError
+from sls.errors import ConfigError, TaskRecordError
 from sls.experiment import Experiment
 from sls.pipeline import check_finetune, finetune
 from sls.record import TaskRecord, read_record
@@ -228,8 +228,8 @@ def test_a_format_1_record_reads_into_the_typed_record(pruned):
     assert record.depth == raw["depth"] and record.config.lr == TINY.lr and record.world_size is None
     del old["stages"]
     assert "prune" in TaskRecord.from_dict(old).stages
-    with pytest.raises(Exception, match="record format 3"):
-        TaskRecord.from_dict({**raw, "format": 3})
+    with pytest.raises(TaskRecordError, match="record format 4"):
+        TaskRecord.from_dict({**raw, "format": 4})
 
 
 def test_the_command_line_wins_over_a_config_file_both_ways(tmp_path):

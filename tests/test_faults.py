@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_transactions import QUICK
 
 from sls.artifact import task_file
 from sls.cli import main
 from sls.experiment import load_task
 from sls.record import read_record
 from sls.stages import stage_finetune
-from test_transactions import QUICK
 
 
 @pytest.fixture(scope="module")

@@ -300,3 +300,22 @@ def test_repadapter_merges_exactly_on_swin_windows_with_padding():
         assert (merged(images) - unmerged).abs().max() <= 1e-5
     assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in plain.named_modules()]
     assert {n for n, p in merged.named_parameters() if p.requires_grad} == {"head.fc.weight", "head.fc.bias"}
+
+
+def test_a_cut_before_the_last_stage_works_with_timms_older_reset_classifier(monkeypatch):
+    """timm 1.0.20-1.0.24: ``reset_classifier`` resets the head without telling it the new
+    width (``num_features``); truncation must still build a head of the kept width."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    def old_reset_classifier(self, num_classes, global_pool=None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)  # in_features left as it was
+
+    monkeypatch.setattr(SwinTransformer, "reset_classifier", old_reset_classifier)
+    model, _ = tiny_swin()
+    depth = next(d for d in range(1, len(WIDTHS) + 1) if WIDTHS[d - 1] < 64)
+    pruned = truncate(model, depth)
+    assert pruned.head.fc.in_features == pruned.num_features == WIDTHS[depth - 1]
+    images = images_for(pruned, n=2)
+    with torch.no_grad():
+        assert pruned(images).shape == (2, 3)

@@ -6,11 +6,14 @@ token) and timm's SwinTransformer v1 (:mod:`sls.backbones.swin`). The generic
 functions here dispatch on the family; blocks are numbered 1..N bottom-up (across
 the stages for Swin).
 
-Every ``.safetensors`` / ``.pth`` weight source goes through timm's own local-file
-path (``pretrained_cfg_overlay=dict(file=...)``): the embedded model's converted
-checkpoint exactly like a user's ``--weights FILE``. A JAX ``.npz`` checkpoint (the
-original ``ViT-B_16.npz`` or a big_vision one) goes through timm's ViT loader
-``model.load_pretrained``; see :func:`create_backbone`.
+Every ``.safetensors`` / ``.pth`` weight source is read by sls itself
+(:func:`read_checkpoint`: safetensors, or ``torch.load(weights_only=True)``, never a
+code-running pickle whatever the installed timm does), passed through the model
+family's own timm ``checkpoint_filter_fn`` (position-embedding resampling, layout
+conversion), and loaded with its keys checked from ``load_state_dict``'s answer:
+the embedded model's converted checkpoint exactly like a user's ``--weights FILE``. A
+JAX ``.npz`` checkpoint (the original ``ViT-B_16.npz`` or a big_vision one) goes
+through timm's ViT loader ``model.load_pretrained``; see :func:`create_backbone`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import pickle
 import re
 from dataclasses import asdict, dataclass, field
@@ -94,36 +96,11 @@ def _model_options_checked(timm_name: str, model_kwargs: dict):
                           f"{type(err).__name__}: {err}") from None  # fmt: skip
 
 
-@contextlib.contextmanager
-def _timm_load_report():
-    """Collect the keys timm reports missing or unexpected while it loads weights."""
-    report: dict[str, list[str]] = {"missing": [], "unexpected": []}
-    pattern = re.compile(r"^(Missing|Unexpected) keys \((.*?)\) (?:discovered|found) while loading")
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            match = pattern.match(record.getMessage())
-            if match:
-                report[match.group(1).lower()] += [k.strip() for k in match.group(2).split(",") if k.strip()]
-
-    logger = logging.getLogger("timm.models._builder")
-    handler, level, propagate = Collect(level=logging.INFO), logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # we report these ourselves
-    try:
-        yield report
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
 def _load_failure(path: Path, timm_name: str, err: Exception) -> str:
     """One line saying why a weights file did not load, and what to do."""
     text = " ".join(str(err).split())
-    needs = re.search(r"Unsupported globals?: ([\w.]+(?:, [\w.]+)*)", text)
-    if needs:
+    needs = re.search(r"GLOBAL ([\w.]+)", text) if isinstance(err, pickle.UnpicklingError) else None
+    if needs:  # torch.load(weights_only=True) met a global that is not a tensor type: never imported
         return (f"refused to load {path}: it is a pickle that needs {needs.group(1).rstrip('.')} to load, so loading it could "
                 "run code; if you trust it, convert it once to safetensors: python -c \"import torch, safetensors.torch "
                 f"as st; st.save_file(torch.load('{path}', weights_only=False), 'weights.safetensors')\"")  # fmt: skip
@@ -131,6 +108,59 @@ def _load_failure(path: Path, timm_name: str, err: Exception) -> str:
         lines = str(err).strip().splitlines()
         return f"weights file {path} does not fit {timm_name}: {(lines[1] if len(lines) > 1 else lines[0]).strip()}"
     return f"weights file {path} is not a readable checkpoint ({text[:160]})"
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, or from a ``.pth`` / ``.pt`` / ``.bin``
+    file through ``torch.load(weights_only=True)`` (tensors and plain containers only:
+    a pickle that needs anything else is refused, never run). A checkpoint that wraps
+    its state dict (``state_dict``, ``model``, ``module``) is unwrapped, and a
+    ``module.`` prefix (DataParallel) dropped."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("it holds no state dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def _load_checkpoint(net: nn.Module, path: Path, timm_name: str) -> None:
+    """Load a weights file into ``net``'s backbone; the head stays the fresh one.
+
+    The family's timm filter adapts the file to the model (position embeddings to its
+    grid, older layouts to the current one). Shape mismatches, and backbone keys
+    missing from the file or unknown to the model, are named in the error.
+    """
+    import sys
+
+    try:
+        state = read_checkpoint(path)
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, EOFError, OSError) as err:
+        raise ConfigError(_load_failure(path, timm_name, err)) from None
+    filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, net)
+        except (KeyError, RuntimeError, ValueError, AssertionError) as err:
+            raise ConfigError(f"weights file {path} does not fit {timm_name}: {type(err).__name__}: {err}") from None
+    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    own = net.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]  # fmt: skip
+    result = net.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in own]
+    for kind, keys in (("shape-mismatched", mismatched), ("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            raise ConfigError(f"weights file {path} does not fit {timm_name}: {len(keys)} {kind} keys ({shown})")
 
 
 def fingerprint(model: nn.Module, exclude_prefixes: tuple[str, ...] = HEAD_PREFIXES) -> str:
@@ -299,21 +329,8 @@ def create_backbone(
             path = Path(weights)
             if not path.is_file():
                 raise ConfigError(f"weights file {path} does not exist")
-            try:
-                with _timm_load_report() as report:
-                    net = timm.create_model(
-                        timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-                    )
-            except (pickle.UnpicklingError, SafetensorError, RuntimeError) as err:
-                raise ConfigError(_load_failure(path, timm_name, err)) from None
-            # timm loads non-strictly when it replaces the head: check the backbone keys ourselves.
-            for kind, keys in report.items():
-                backbone_keys = [k for k in keys if not k.startswith(HEAD_PREFIXES)]
-                if backbone_keys:
-                    shown = ", ".join(backbone_keys[:3]) + (", ..." if len(backbone_keys) > 3 else "")
-                    raise ConfigError(
-                        f"weights file {path} does not fit {timm_name}: {len(backbone_keys)} {kind} keys ({shown})"
-                    )
+            net = timm.create_model(timm_name, pretrained=False, **kwargs)
+            _load_checkpoint(net, path, timm_name)
             source = str(path.resolve())
     family = _family(net)
     _check_patch_grid(net, timm_name)

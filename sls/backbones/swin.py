@@ -80,5 +80,8 @@ def truncate(model: nn.Module, depth: int) -> nn.Module:
         )
         model.norm.train(old_norm.training)
         model.num_features = width
-        model.reset_classifier(model.num_classes)  # reads num_features for its input width
+        # timm's head reads its input width from in_features (1.0.20-1.0.24 do not pass
+        # num_features on to it): set it first, so every version builds a width-wide head.
+        model.head.in_features = width
+        model.reset_classifier(model.num_classes)
     return model
