@@ -6,7 +6,7 @@ No training: bytes depend on shapes only, and a truncated ViT runs as fast whate
 its values, so the LoRA and head tensors are random.
 
 1. Storage, per k: a LoRA task (r=8 on qkv, 10 classes). SLS keeps the LoRA tensors
-   of blocks 1..k + the head (task.safetensors) + the record; DepGraph keeps its whole
+   of blocks 1..k + the head (task-<sha256>.safetensors) + the record; DepGraph keeps its whole
    pruned backbone (LoRA merged, as a safetensors state dict) at the ratio removing as
    many parameters as dropping blocks k+1..N does. Printed: both sizes and
    DepGraph bytes / SLS bytes.

@@ -99,7 +99,8 @@ def _execute(config) -> int:
     for line in [*selection_notes(summary), *run_notes(summary)]:
         print(line)
     plots = "scores.png, training.png" + (", budget.png" if record.budget_search else "")
-    print(f"task folder: {record.config.out}  (record.json, config.yaml, task.safetensors, scores.csv, {plots})")
+    tensors = record.files["task"]["file"] if "task" in record.files else "task.safetensors"
+    print(f"task folder: {record.config.out}  (record.json, config.yaml, {tensors}, scores.csv, {plots})")
     return 0
 
 

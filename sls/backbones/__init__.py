@@ -134,7 +134,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def _load_checkpoint(net: nn.Module, path: Path, timm_name: str) -> None:
     """Load a weights file into ``net``'s backbone; the head stays the fresh one.
 
-    The family's timm filter adapts the file to the model (position embeddings to its
+    A file that does not fit as it is goes through the family's timm filter, which adapts it to the model (position embeddings to its
     grid, older layouts to the current one). Shape mismatches, and backbone keys
     missing from the file or unknown to the model, are named in the error.
     """
@@ -144,14 +144,19 @@ def _load_checkpoint(net: nn.Module, path: Path, timm_name: str) -> None:
         state = read_checkpoint(path)
     except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, EOFError, OSError) as err:
         raise ConfigError(_load_failure(path, timm_name, err)) from None
+    own = net.state_dict()
+    backbone = {k for k in own if not k.startswith(HEAD_PREFIXES)}
+    fits = backbone <= set(state) and all(k in own and own[k].shape == v.shape for k, v in state.items()
+                                          if not k.startswith(HEAD_PREFIXES))  # fmt: skip
     filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None:
+    # A file that fits as it is is loaded as it is: timm's filters guess an older layout
+    # from the keys present (some versions from the head's), and convert what needs none.
+    if filter_fn is not None and not fits:
         try:
             state = filter_fn(state, net)
         except (KeyError, RuntimeError, ValueError, AssertionError) as err:
             raise ConfigError(f"weights file {path} does not fit {timm_name}: {type(err).__name__}: {err}") from None
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
-    own = net.state_dict()
     mismatched = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and v.shape != own[k].shape]  # fmt: skip
     result = net.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
