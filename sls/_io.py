@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from sls.errors import DiskFullError
+from sls.errors import ConfigError, DiskFullError
 
 _FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
          errno.EFBIG: "the file is larger than this process may write"}  # fmt: skip
@@ -48,6 +48,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ConfigError(f"could not write {path}: {err.strerror}; check the folder's permissions, "
+                              "or write elsewhere") from None  # fmt: skip
         if err.errno not in _FULL:
             raise
         raise DiskFullError(f"could not write {path}: {_FULL[err.errno]} ({err.strerror}); free some space and "

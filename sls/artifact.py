@@ -30,7 +30,7 @@ from torch import nn
 from sls._io import atomic_write, write_json
 from sls.errors import TaskRecordError
 from sls.petl import trainable_state
-from sls.record import LEGACY_FILES, RECORD_FILE, TaskRecord, read_record
+from sls.record import RECORD_FILE, TaskRecord, read_record
 
 __all__ = ["RECORD_FILE", "TaskRecord", "read_record", "save_task", "load_tensors", "check_fingerprint",
            "task_file", "collect_garbage"]  # fmt: skip
@@ -39,6 +39,9 @@ TENSOR_KINDS = ("task", "finetuned")
 """``task``: the pruned model's trainable tensors; ``finetuned``: all N blocks' before pruning."""
 TENSOR_METADATA = {"format": "sls"}
 _TENSOR_FILE = re.compile(r"^(task|finetuned)(-[0-9a-f]{16})?\.safetensors$")
+_OWN_TEMPORARY = re.compile(r"^\.(record\.json|config\.yaml|scores\.csv|(training|scores|budget)\.png|"
+                            r"(task|finetuned)(-[0-9a-f]{16})?\.safetensors)\..+\.tmp$")
+"""Temporary files of sls's own writes into a task folder (see :func:`sls._io.atomic_write`)."""
 
 
 def _serialise(model: nn.Module) -> bytes:
@@ -70,6 +73,13 @@ def save_task(task_dir: str | Path, model: nn.Module, record: TaskRecord | dict,
     if isinstance(record, dict):
         record = TaskRecord.from_dict(record)
     files = dict(record.files)
+    for kind, entry in list(files.items()):  # a folder from before the hashes: hash what it holds now
+        path = task_dir / entry["file"]
+        if "sha256" not in entry:
+            if path.is_file():
+                files[kind] = {"file": entry["file"], "sha256": _sha256(path), "bytes": path.stat().st_size}
+            else:
+                del files[kind]
     if finetuned is not None:
         files["finetuned"] = save_tensors(task_dir, "finetuned", finetuned)
     files["task"] = save_tensors(task_dir, "task", model)
@@ -80,13 +90,14 @@ def save_task(task_dir: str | Path, model: nn.Module, record: TaskRecord | dict,
 
 
 def collect_garbage(task_dir: Path, record: TaskRecord) -> list[str]:
-    """Remove the tensor files ``record`` does not name and temporary files left by a
-    killed write; the caller holds the folder's lock. Returns the names removed."""
+    """Remove the tensor files ``record`` does not name and the temporary files a killed
+    write of sls left (nobody else's); the caller holds the folder's lock. Returns the
+    names removed."""
     named = {entry["file"] for entry in record.files.values()}
     removed = []
     for path in Path(task_dir).iterdir():
         stale = _TENSOR_FILE.match(path.name) and path.name not in named
-        if stale or (path.name.startswith(".") and path.name.endswith(".tmp")):
+        if stale or _OWN_TEMPORARY.match(path.name):
             with suppress(FileNotFoundError):
                 path.unlink()
             removed.append(path.name)
@@ -95,7 +106,9 @@ def collect_garbage(task_dir: Path, record: TaskRecord) -> list[str]:
 
 def task_file(record: TaskRecord, task_dir: str | Path, kind: str = "task") -> Path:
     """The path of the record's ``kind`` tensor file."""
-    return Path(task_dir) / record.files.get(kind, LEGACY_FILES[kind])["file"]
+    if kind not in record.files:
+        raise TaskRecordError(f"{task_dir} holds no {kind} tensors (its record names none)")
+    return Path(task_dir) / record.files[kind]["file"]
 
 
 def task_tensor_bytes(model: nn.Module) -> int:
@@ -139,13 +152,21 @@ def load_tensors(model: nn.Module, task_dir: str | Path, record: TaskRecord, kin
     its tensor names exactly the model's trainable ones; otherwise the error names the file.
     """
     path = task_file(record, task_dir, kind)
-    entry = record.files.get(kind, LEGACY_FILES[kind])
-    if not path.is_file():
-        raise TaskRecordError(f"{path} not found; the task folder is incomplete")
-    data = path.read_bytes()
+    entry = record.files[kind]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        try:
+            rewritten = read_record(task_dir).files.get(kind) != entry
+        except TaskRecordError:
+            rewritten = False
+        if rewritten:  # a writer committed a new stage while this read the old record
+            raise TaskRecordError(f"{task_dir} was rewritten (a stage finished) while it was being read; "
+                                  "run the command again") from None  # fmt: skip
+        raise TaskRecordError(f"{path} not found; the task folder is incomplete") from None
     if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise TaskRecordError(f"{path} is damaged: its sha256 is not the one its record names "
-                              f"({len(data)} bytes, the record says {entry['bytes']}); restore it or re-run "
+                              f"({len(data)} bytes, the record says {entry.get('bytes', '?')}); restore it or re-run "
                               f"the stage that wrote it")  # fmt: skip
     try:
         state = load(data)

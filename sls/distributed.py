@@ -119,7 +119,7 @@ def run_on_main(fn: Callable[..., T], *args, **kwargs) -> T:
     """``fn(*args, **kwargs)`` on the main process only; every process returns its result.
 
     The others wait for it. If it raises, it raises on every process (an
-    :class:`SLSError` with the same message where it was one, so every process
+    :class:`SLSError` of the same class and message where it was one, so every process
     reports the user's error alike), and none is left waiting. Outside a process
     group this is a plain call.
     """
@@ -130,13 +130,17 @@ def run_on_main(fn: Callable[..., T], *args, **kwargs) -> T:
         try:
             message[0] = ("result", fn(*args, **kwargs))
         except BaseException as err:
-            message[0] = ("user error" if isinstance(err, SLSError) else "error", str(err) or type(err).__name__)
+            kind = f"user error {type(err).__name__}" if isinstance(err, SLSError) else "error"
+            message[0] = (kind, str(err) or type(err).__name__)
             dist.broadcast_object_list(message, src=0)
             raise
     dist.broadcast_object_list(message, src=0)
     kind, value = message[0]
-    if kind == "user error":
-        raise SLSError(value)
+    if kind.startswith("user error"):  # the same class everywhere, so every process takes the same branch
+        import sls.errors
+
+        cls = getattr(sls.errors, kind.rpartition(" ")[2], SLSError)
+        raise (cls if isinstance(cls, type) and issubclass(cls, SLSError) else SLSError)(value)
     if kind == "error":
         raise RuntimeError(f"the main process (rank 0) failed: {value}")
     return value

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from sls import distributed
 from sls._io import atomic_write, cache_dir
 from sls.backbones import BlockFeatures, block_features, fingerprint
-from sls.errors import DiskFullError
+from sls.errors import SLSError
 
 CACHE_FORMAT = 1
 DEFAULT_MAX_MB = 2048
@@ -42,7 +42,7 @@ def max_bytes() -> int:
     text = os.environ.get("SLS_CACHE_MAX_MB", str(DEFAULT_MAX_MB))
     try:
         return int(float(text) * 1024 * 1024)
-    except ValueError:
+    except (ValueError, OverflowError):
         warnings.warn(f"SLS_CACHE_MAX_MB={text!r} is not a number; using {DEFAULT_MAX_MB}", stacklevel=2)
         return DEFAULT_MAX_MB * 1024 * 1024
 
@@ -106,7 +106,7 @@ def cached_block_features(
 def _store(path: Path, write, folder: Path) -> None:
     try:
         atomic_write(path, write)
-    except (DiskFullError, PermissionError) as err:
+    except (SLSError, OSError) as err:  # a cache is never needed for the result
         warnings.warn(f"the block features were not cached: {err}", stacklevel=3)
         return
     evict(folder, max_bytes(), keep=path)
@@ -139,8 +139,12 @@ def evict(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
             break
         if entry.path == keep:
             continue
-        with suppress(FileNotFoundError):
+        try:
             entry.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:  # another user's entry in a shared cache
+            continue
         total -= entry.bytes
         removed.append(entry.path)
     return removed
@@ -148,11 +152,12 @@ def evict(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
 
 def clear(folder: Path | None = None) -> tuple[int, int]:
     """Empty the feature cache. Returns (entries, bytes) removed."""
-    found = entries(folder)
-    for entry in found:
-        with suppress(FileNotFoundError):
+    removed = []
+    for entry in entries(folder):
+        with suppress(OSError):
             entry.path.unlink()
-    return len(found), sum(e.bytes for e in found)
+            removed.append(entry)
+    return len(removed), sum(e.bytes for e in removed)
 
 
 def _read_cached(path: Path) -> BlockFeatures | None:

@@ -155,6 +155,10 @@ class TaskRecord:
             name = entry.get("file") if isinstance(entry, dict) else None
             if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
                 raise TaskRecordError(f"{where} names a {kind} tensor file that is not a file of its folder: {name!r}")
+            if version >= 3 and not (isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+                raise TaskRecordError(f"{where}: its {kind} tensor file entry lacks its sha256 or size")
+        if version >= 3 and "task" not in values.get("files", {}):
+            raise TaskRecordError(f"{where} names no task tensor file")
         try:
             record = _adapter().validate_python(values)
         except ValidationError as err:

@@ -112,6 +112,9 @@ def render_views(task_dir: Path, record: TaskRecord) -> None:
         write_scores_csv(task_dir / "scores.csv", record.scores, record.threshold, record.depth)
         plot_scores(task_dir / "scores.png", record.scores, record.threshold, record.depth,
                     title=f"SLS scores: {title}")  # fmt: skip
+    else:  # a new fine-tune over an older task: its scores are gone with it
+        for name in ("scores.csv", "scores.png"):
+            (task_dir / name).unlink(missing_ok=True)
     if record.budget_search is not None:
         plot_budget(task_dir / "budget.png", record.budget_search, title=f"--max-drop {record.config.max_drop:g}: {title}")
     else:
@@ -133,6 +136,9 @@ def _locked(stage):
     """Run a stage over its task folder (the first argument) holding the folder's lock."""
     @functools.wraps(stage)
     def locked(task_dir, *args, **kwargs):
+        if not (Path(task_dir) / RECORD_FILE).is_file():
+            read_record(task_dir)  # the one-line error, before a lock would create the folder
+        check_writable(Path(task_dir))
         with writing(Path(task_dir)):
             return stage(task_dir, *args, **kwargs)
 
@@ -145,6 +151,11 @@ def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None) -> Task
     out = Path(config.out) if config.out else distributed.run_on_main(default_out_dir, config)  # one time stamp
     check_writable(out)
     with writing(out):
+        if (out / RECORD_FILE).is_file() and not config.force:
+            done = read_record(out).stages
+            if done != ["finetune"]:
+                raise ConfigError(f"{out} holds a task ({', '.join(done)} done) that a new fine-tune would discard; "
+                                  "choose another --out, or pass --force to replace it")  # fmt: skip
         return _finetune(config, out, runtime, started)
 
 

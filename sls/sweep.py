@@ -269,7 +269,7 @@ def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
     report = SweepReport()
     say = log if distributed.is_main() else (lambda message: None)
     for position, task in enumerate(mine, start=1):
-        status = task_status(task)
+        status = distributed.run_on_main(task_status, task)  # one answer for every process
         head = f"[{position}/{len(mine)}] {task.name} ({task.group})"
         if dry_run:
             say(f"{head}: {status}; {task.config.model} + {task.config.petl} on {task.config.data} -> {task.config.out}")
@@ -279,7 +279,7 @@ def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
             say(f"{head}: already done, skipped")
             continue
         if status == "busy":
-            report.busy[task.name] = describe_holder(holder(task.config.out) or {})
+            report.busy[task.name] = distributed.run_on_main(lambda: describe_holder(holder(task.config.out) or {}))
             say(f"{head}: being written by {report.busy[task.name]}, left to it")
             continue
         say(f"{head}: {'running' if status == 'new' else 'resuming'}")
@@ -295,6 +295,8 @@ def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
             distributed.run_on_main(_keep_failure, task, str(err))
             continue
         except Exception as err:  # one task's fault (CUDA out of memory, a bug) must not end the sweep
+            if distributed.active():  # ... unless it may have struck one process only: the others would wait forever
+                raise
             report.failed[task.name] = f"{type(err).__name__}: {err}"
             say(f"{head}: FAILED ({type(err).__name__}): {err}")
             traceback.print_exc(file=sys.stderr)
@@ -303,7 +305,7 @@ def run_sweep(sweep: Sweep, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
         distributed.run_on_main(_keep_failure, task, None)
         report.ran.append(task.name)
         say(f"{head}: done; {_one_line(_task_row(task, record.to_dict()))}")
-    report.rows = summary_rows(sweep, report.failed)
+    report.rows = distributed.run_on_main(summary_rows, sweep, report.failed)
     if not dry_run:  # overlapping shards take turns writing the summary
         report.files = distributed.run_on_main(_write_summary_locked, sweep, report.rows)
     return report

@@ -4,6 +4,7 @@ resume, ends exactly as an uninterrupted run; a second writer is refused."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -20,7 +21,8 @@ from sls.stages import run
 # A small task that prunes (depth 3 of 6) and retrains; cka scores need no t-SNE.
 QUICK = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=60, test_samples=30,
                   analysis_samples=None, epochs=1, retrain_epochs=1, lr=3e-2, batch_size=16, throughput_batch=2,
-                  criterion="cka", depth=3, force=True, progress=False)  # fmt: skip
+                  criterion="cka", depth=3, force=True, cache=False, progress=False)  # fmt: skip
+# No feature cache: a cache warm or cold would shift the write boundaries between runs.
 
 
 class Crash(BaseException):
@@ -97,7 +99,8 @@ def crash_then_resume(folder: pathlib.Path, index: int, after: bool, monkeypatch
     if (folder / "record.json").is_file():  # what a reader sees meanwhile is whole and consistent
         record = read_record(folder)
         for kind in record.files:
-            assert task_file(record, folder, kind).is_file()
+            path = task_file(record, folder, kind)
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == record.files[kind]["sha256"]
     run(config)
     return str(crashed.value)
 
@@ -122,7 +125,7 @@ def test_a_crash_just_after_a_stages_tensors_or_record_land_then_resume_equals_a
     for index in [*tensors, *records[1:3]]:  # ... and prune's and retrain's records, before their views
         folder = tmp_path / f"crash-{index}"
         where = crash_then_resume(folder, index, True, monkeypatch)
-        assert outcome(folder) == expected, f"crash at write {index} ({where})"
+        assert where == names[index] and outcome(folder) == expected, f"crash at write {index} ({where})"
 
 
 @pytest.mark.slow
@@ -134,7 +137,7 @@ def test_a_crash_at_every_write_boundary_then_resume_equals_an_uninterrupted_run
     for index in range(len(names)):
         folder = tmp_path / f"crash-{index}"
         where = crash_then_resume(folder, index, after, monkeypatch)
-        assert outcome(folder) == expected, f"crash at write {index} ({where})"
+        assert where == names[index] and outcome(folder) == expected, f"crash at write {index} ({where})"
 
 
 HOLD = """
@@ -184,6 +187,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_readers_go_on(tmp_path
                                                   f"{socket.gethostname()}"), err  # fmt: skip
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".sls.lock"} == before
     assert main(["show", str(folder)]) == 0  # readers never need the lock
+    assert main(["export", str(folder), "--format", "safetensors", "--out", str(tmp_path / "model.safetensors")]) == 0
+    capsys.readouterr()
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, holder, capsys):
@@ -196,3 +201,58 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, holder, capsys)
     assert record.stages == ["finetune", "prune", "retrain", "evaluate"]
     assert f"took over the lock of pid {proc.pid}" in capsys.readouterr().err
     assert (folder / ".sls.lock").read_text() == ""  # released
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    from sls.cli import main
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes through permissions")
+    folder = tmp_path / "task"
+    run(dataclasses.replace(QUICK, out=str(folder), retrain=False))
+    folder.chmod(0o555)
+    try:
+        assert main(["evaluate", str(folder), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"cannot write the output folder {folder}" in err
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_stage_command_on_a_missing_folder_creates_nothing(tmp_path, capsys):
+    from sls.cli import main
+
+    assert main(["prune", str(tmp_path / "typo" / "a" / "b"), "--quiet"]) == 2
+    assert "record.json not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cleaning_up_leaves_other_programs_temporary_files(tmp_path):
+    from sls.artifact import collect_garbage
+
+    folder = tmp_path / "task"
+    run(dataclasses.replace(QUICK, out=str(folder), retrain=False))
+    mine, theirs = folder / ".record.json.x1y2.tmp", folder / ".model.onnx.abcd.tmp"
+    mine.write_text("half")
+    theirs.write_text("someone else's")
+    assert collect_garbage(folder, read_record(folder)) == [mine.name]
+    assert theirs.exists() and not mine.exists()
+
+
+def test_a_format_2_folder_gets_hashed_at_its_next_commit(tmp_path):
+    from sls.stages import stage_evaluate
+
+    folder = tmp_path / "task"
+    run(dataclasses.replace(QUICK, out=str(folder), retrain=False))
+    raw = json.loads((folder / "record.json").read_text())
+    record = read_record(folder)
+    for kind, legacy in (("task", "task.safetensors"), ("finetuned", "finetuned.safetensors")):
+        task_file(record, folder, kind).rename(folder / legacy)
+    raw["format"] = 2
+    del raw["files"]
+    (folder / "record.json").write_text(json.dumps(raw))
+    stage_evaluate(folder, progress=False)
+    files = json.loads((folder / "record.json").read_text())["files"]
+    assert files["finetuned"]["file"] == "finetuned.safetensors"  # kept under its name, now with its hash
+    assert files["finetuned"]["sha256"] == hashlib.sha256((folder / "finetuned.safetensors").read_bytes()).hexdigest()
+    assert files["task"]["file"].startswith("task-") and not (folder / "task.safetensors").exists()
