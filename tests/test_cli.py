@@ -78,6 +78,7 @@ def test_analyze_writes_scores_and_reuses_cached_features(tmp_path, capsys):
     assert not (second / "tsne.png").exists()
 
 
+@pytest.mark.slow  # the lean suite keeps CI's fresh clone under 10 minutes
 def test_analyze_a_task_uses_its_finetuned_model(tmp_path, capsys):
     task = tmp_path / "task"
     assert main([*TINY, "--out", str(task)]) == 0

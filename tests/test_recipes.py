@@ -139,6 +139,7 @@ def test_bad_schedule_settings_are_refused_before_any_training(tiny_images):
         train(model, loader, epochs=2, lr=1e-3, warmup_epochs=2, progress=False)
 
 
+@pytest.mark.slow  # the lean suite keeps CI's fresh clone under 10 minutes
 def test_drop_path_and_imagenet_statistics_reach_the_model_and_the_record(tmp_path):
     config = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200,
                        test_samples=100, drop_path=0.1, normalize="imagenet", progress=False)  # fmt: skip

@@ -276,6 +276,7 @@ def test_several_alphas_report_one_k_each_from_one_scoring(finetuned_task, tmp_p
     assert f"k per alpha: {shown}" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the lean suite keeps CI's fresh clone under 10 minutes
 def test_a_budget_run_retrains_the_chosen_depth_as_the_search_did(tmp_path):
     # A budget every depth meets: the search walks down from SLS's k to 1 in doubling steps.
     config = dataclasses.replace(TINY, epochs=3, retrain_strategy="distill", max_drop=100.0, out=str(tmp_path / "t"))

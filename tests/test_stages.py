@@ -60,6 +60,7 @@ def test_stage_commands_chain_to_the_same_result_as_run(uninterrupted, tmp_path,
     same_outcome(record, uninterrupted)
 
 
+@pytest.mark.slow  # the lean suite keeps CI's fresh clone under 10 minutes
 def test_a_killed_run_resumes_from_its_last_stage(uninterrupted, tmp_path, monkeypatch):
     config = dataclasses.replace(TINY, out=str(tmp_path / "task"))
     stage_finetune(config)
@@ -87,6 +88,7 @@ def test_two_runs_with_the_same_seed_are_identical(uninterrupted, tmp_path):
     same_outcome(again, uninterrupted)
 
 
+@pytest.mark.slow  # the lean suite keeps CI's fresh clone under 10 minutes
 def test_prune_over_several_tsne_starts_takes_the_most_frequent_k(uninterrupted, tmp_path, capsys):
     import shutil
 
