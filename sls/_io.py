@@ -46,7 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp_path, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as err:
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise ConfigError(f"could not write {path}: {err.strerror}; check the folder's permissions, "
@@ -62,7 +62,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from sls._io import _fsync_dir
+from sls._io import fsync_dir
 from sls.errors import ConfigError, FolderLockedError, SLSError
 
 LOCK_FILE = ".sls.lock"
@@ -132,7 +132,7 @@ def folder_lock(folder: str | Path, *, wait: float = 0.0, what: str = "task fold
     except OSError as err:
         raise _cannot_write(folder, err) from None
     if created:
-        _fsync_dir(folder.parent)  # the new folder itself survives a power loss
+        fsync_dir(folder.parent)  # the new folder itself survives a power loss
     key = folder.resolve()
     if key in _held:
         _held[key] += 1

@@ -35,8 +35,6 @@ from sls.record import RECORD_FILE, TaskRecord, read_record
 __all__ = ["RECORD_FILE", "TaskRecord", "read_record", "save_task", "load_tensors", "check_fingerprint",
            "task_file", "collect_garbage"]  # fmt: skip
 
-TENSOR_KINDS = ("task", "finetuned")
-"""``task``: the pruned model's trainable tensors; ``finetuned``: all N blocks' before pruning."""
 TENSOR_METADATA = {"format": "sls"}
 _TENSOR_FILE = re.compile(r"^(task|finetuned)(-[0-9a-f]{16})?\.safetensors$")
 _OWN_TEMPORARY = re.compile(r"^\.(record\.json|config\.yaml|scores\.csv|(training|scores|budget)\.png|"

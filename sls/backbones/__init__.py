@@ -23,6 +23,7 @@ import hashlib
 import json
 import pickle
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -104,9 +105,6 @@ def _load_failure(path: Path, timm_name: str, err: Exception) -> str:
         return (f"refused to load {path}: it is a pickle that needs {needs.group(1).rstrip('.')} to load, so loading it could "
                 "run code; if you trust it, convert it once to safetensors: python -c \"import torch, safetensors.torch "
                 f"as st; st.save_file(torch.load('{path}', weights_only=False), 'weights.safetensors')\"")  # fmt: skip
-    if isinstance(err, RuntimeError) and ("size mismatch" in text or "state_dict" in text):
-        lines = str(err).strip().splitlines()
-        return f"weights file {path} does not fit {timm_name}: {(lines[1] if len(lines) > 1 else lines[0]).strip()}"
     return f"weights file {path} is not a readable checkpoint ({text[:160]})"
 
 
@@ -138,8 +136,6 @@ def _load_checkpoint(net: nn.Module, path: Path, timm_name: str) -> None:
     grid, older layouts to the current one). Shape mismatches, and backbone keys
     missing from the file or unknown to the model, are named in the error.
     """
-    import sys
-
     try:
         state = read_checkpoint(path)
     except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, EOFError, OSError) as err:
