@@ -58,7 +58,7 @@ from sls.bench import parameter_count, state_dict_bytes, throughput
 from sls.errors import ConfigError, TaskRecordError
 from sls.experiment import Experiment, pruned_model
 from sls.export import deployable_model
-from sls.petl import create_petl, head_parameter_names
+from sls.petl import head_parameter_names, petl_from_record
 from sls.record import TaskRecord
 from sls.report import plot_compare
 from sls.runtime import Runtime
@@ -130,7 +130,7 @@ def _make_trainable(model: nn.Module, record: TaskRecord) -> nn.Module:
     """Train the task's PETL method and the head of a DepGraph model, re-inserting the
     method where the pruning folded it into the backbone (LoRA, RepAdapter): fresh
     modules start as an identity update, so retraining starts from the pruned model."""
-    petl = create_petl(record.petl["method"], **record.petl["hparams"])
+    petl = petl_from_record(record.petl)
     if not any(petl.is_petl_param(name) for name, _ in model.named_parameters()):
         return petl.apply(model)
     head = head_parameter_names(model)

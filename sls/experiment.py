@@ -39,7 +39,7 @@ from sls.data import (
     stratified_subset,
 )
 from sls.errors import ConfigError, DataError, ScoreError, TaskRecordError
-from sls.petl import PETLMethod, create_petl
+from sls.petl import PETLMethod, create_petl, petl_from_record
 from sls.record import TaskRecord, read_record
 from sls.runtime import Runtime
 
@@ -199,8 +199,7 @@ def _build_model(config: RunConfig, num_classes: int, model_name: str, weights, 
         model, backbone = create_backbone(model_name, num_classes=num_classes, weights=weights,
                                           img_size=img_size, drop_path_rate=config.drop_path,
                                           model_kwargs=model_kwargs)  # fmt: skip
-        petl = petl or {"method": config.petl, "hparams": config.petl_options}
-        petl = create_petl(petl["method"], **petl["hparams"])
+        petl = create_petl(config.petl, **config.petl_options) if petl is None else petl_from_record(petl)
         petl.apply(model)
     initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     return model, backbone, petl, initial

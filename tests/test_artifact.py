@@ -54,12 +54,12 @@ def test_task_file_holds_only_kept_petl_and_head(tmp_path):
     model, task_dir = trained_task(tmp_path, "lora", depth=2)
     state = load_file(str(tensor_file(task_dir)))
     assert set(state) == {
-        *(f"blocks.{b}.attn.qkv.lora_{ab}.default.weight" for b in range(2) for ab in "AB"),
+        *(f"blocks.{b}.attn.qkv.lora_{ab}.{part}.weight" for b in range(2) for ab in "AB" for part in "qv"),
         "head.weight", "head.bias",
     }  # fmt: skip
     assert tensor_file(task_dir).stat().st_size == task_tensor_bytes(model)
-    # r=8 LoRA on a 64-wide qkv: A is 8x64, B is 192x8, per block; head 4x64 + 4.
-    assert sum(t.numel() for t in state.values()) == 2 * (8 * 64 + 192 * 8) + 4 * 64 + 4
+    # r=8 LoRA on q and v of a 64-wide model: per block and part A is 8x64, B is 64x8; head 4x64 + 4.
+    assert sum(t.numel() for t in state.values()) == 2 * 2 * (8 * 64 + 64 * 8) + 4 * 64 + 4
 
 
 def test_wrong_backbone_is_refused(tmp_path):

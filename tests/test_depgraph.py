@@ -18,7 +18,7 @@ from sls.petl import create_petl, list_petl  # noqa: E402
 from sls.train import train  # noqa: E402
 
 NUM_CLASSES = 3
-WIDTH, HEAD_DIM, MLP_HIDDEN, BOTTLENECK = 64, 32, 192, 8  # test_vit's widths; the adapter's default
+WIDTH, HEAD_DIM, MLP_HIDDEN, BOTTLENECK = 64, 32, 192, 64  # test_vit's widths; the adapter's default
 
 
 def count(model):
@@ -61,10 +61,10 @@ def test_pruned_model_has_the_expected_widths_and_works(loader, tiny_images, pet
         assert type(attn.qkv) is torch.nn.Linear  # LoRA merged away
         assert (attn.num_heads, attn.head_dim, attn.qkv.in_features, attn.qkv.out_features) == (2, 24, 48, 144)
         assert attn.proj.in_features == 48 and attn.proj.out_features == 48
-        mlp = block.mlp.mlp if petl == "adapter" else block.mlp
+        mlp = block.mlp
         assert (mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features) == (48, 144, 48)
         if petl == "adapter":
-            adapter = block.mlp.adapter
+            adapter = block.adapter
             assert (adapter.down.in_features, adapter.down.out_features) == (48, BOTTLENECK)
             assert (adapter.up.in_features, adapter.up.out_features) == (BOTTLENECK, 48)
     assert (pruned.head.in_features, pruned.head.out_features) == (48, NUM_CLASSES)
@@ -110,7 +110,7 @@ def test_pruned_model_can_be_retrained_with_lora_again(loader):
     losses = train(pruned, loader, epochs=1, lr=1e-2, progress=False)
     assert len(losses) == 1 and losses[0] > 0
     assert not torch.equal(pruned.head.weight, head_before)
-    assert pruned.blocks[0].attn.qkv.lora_A["default"].in_features == 32
+    assert pruned.blocks[0].attn.qkv.lora_A["q"].in_features == 32
 
 
 @pytest.mark.parametrize("petl", ["lora", "adapter"])

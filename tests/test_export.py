@@ -56,7 +56,7 @@ def test_merging_lora_keeps_the_outputs_and_leaves_a_plain_vit(images):
     assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     assert not merged.training
     # The input model keeps its LoRA layers.
-    assert sum("lora_" in name for name, _ in model.named_parameters()) == 2 * DEPTH
+    assert sum("lora_" in name for name, _ in model.named_parameters()) == 4 * DEPTH  # A and B of q and v
 
 
 def test_merging_leaves_an_adapter_in_place(images):

@@ -85,7 +85,7 @@ def test_each_strategy_trains_only_the_kept_petl_and_head(tuned, name):
     after_frozen, after_trainable = _states(pruned)
     for n, value in frozen.items():  # the shared backbone never moves
         assert torch.equal(after_frozen[n], value), n
-    for n in ("head.weight", "blocks.2.attn.qkv.lora_A.default.weight"):  # the kept blocks' PETL and the head train
+    for n in ("head.weight", "blocks.2.attn.qkv.lora_A.q.weight"):  # the kept blocks' PETL and the head train
         assert not torch.equal(after_trainable[n], trainable[n]), n
     for n, value in teacher.state_dict().items():  # the teacher (the unpruned task) is never changed
         assert torch.equal(value, teacher_before[n]), n

@@ -178,8 +178,10 @@ def test_swin_weights_file_loads_through_timm(tmp_path):
 # -- every backbone x PETL method --------------------------------------------------------
 
 METHOD_PARAMS = {
-    "lora": ["attn.qkv.lora_A.default.weight", "attn.qkv.lora_B.default.weight"],
-    "adapter": [f"mlp.adapter.{layer}.{kind}" for layer in ("down", "up") for kind in ("weight", "bias")],
+    # LoRA's q and v thirds of the fused qkv, each its own A and B (QKVLoRA)
+    "lora": [f"attn.qkv.lora_{ab}.{part}.weight" for ab in "AB" for part in "qv"],
+    # AdaptFormer's adapter hangs off the block itself (ViTBlockWithAdapter / SwinBlockWithAdapter)
+    "adapter": [f"adapter.{layer}.{kind}" for layer in ("down", "up") for kind in ("weight", "bias")],
     "repadapter": [
         f"{branch}.repadapter.{layer}.{kind}"
         for branch in ("attn", "mlp") for layer in ("down", "up") for kind in ("weight", "bias")

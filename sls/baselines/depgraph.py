@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from sls.backbones import vit
 from sls.errors import ConfigError, DataError
 from sls.petl import create_petl, list_petl
-from sls.petl.adapter import MlpWithAdapter
+from sls.petl.adapter import Bottleneck
 from sls.petl.merge import merge_for_inference
 
 SUPPORTED_PETL = ("lora", "adapter")
@@ -106,7 +106,7 @@ def _check_supported(model: nn.Module) -> None:
 
 
 def _ignored_layers(model: nn.Module) -> list[nn.Module]:
-    adapters = [module.adapter.down for module in model.modules() if isinstance(module, MlpWithAdapter)]
+    adapters = [module.down for module in model.modules() if isinstance(module, Bottleneck)]
     return [model.get_classifier(), *adapters]
 
 

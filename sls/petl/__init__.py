@@ -33,6 +33,7 @@ class PETLMethod:
     defaults: ClassVar[dict]
     counts: ClassVar[tuple[str, ...]] = ()
     param_markers: ClassVar[tuple[str, ...]]
+    legacy_defaults: ClassVar[dict] = {}
 
     def __init__(self, **hparams) -> None:
         unknown = set(hparams) - set(self.defaults)
@@ -103,6 +104,14 @@ register_petl = _METHODS.register
 def create_petl(name: str, **hparams) -> PETLMethod:
     """Instantiate the registered method ``name`` with ``hparams`` over its defaults."""
     return _METHODS.get(name)(**hparams)
+
+
+def petl_from_record(petl: dict) -> PETLMethod:
+    """The PETL method a task record names, built as the task was: a hyper-parameter
+    the record lacks (it predates the option) takes the value the method had then
+    (``legacy_defaults``), not today's default."""
+    cls = _METHODS.get(petl["method"])
+    return cls(**{**cls.legacy_defaults, **petl.get("hparams", {})})
 
 
 def list_petl() -> list[str]:

@@ -11,11 +11,17 @@ from sls.petl import PETLMethod, create_petl, list_petl
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every peft LoRA layer into its base linear and put that linear in its place.
+    """Fold every LoRA layer (sls's :class:`~sls.petl.lora.QKVLoRA` and peft's) into its
+    base linear and put that linear in its place.
 
     In place. The fold is ``W + (alpha / r) * B @ A``, exact up to float rounding; LoRA
     dropout is an identity at inference, so nothing else is lost. Returns ``model``.
     """
+    from sls.petl.lora import QKVLoRA
+
+    for name, layer in [(name, m) for name, m in model.named_modules() if isinstance(m, QKVLoRA)]:
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, layer.merged())
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # without peft there is no LoRA layer to fold
