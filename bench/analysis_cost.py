@@ -136,7 +136,7 @@ def main() -> None:
     totals = {}
     for backend in args.tsne.split(","):
         t_scores, selector = timed(
-            lambda: DepthSelector(alpha=args.alpha, tsne=backend).fit(feats.features, feats.labels)
+            lambda: DepthSelector(alpha=args.alpha, tsne=backend, n_jobs=-1).fit(feats.features, feats.labels)
         )
         total = t_features + t_scores
         print(f"(ii)  full analysis, t-SNE {backend:8s}:   {total:7.1f} s  (features {t_features:.1f} s + "

@@ -19,6 +19,7 @@ from sls.bench import throughput
 from sls.config import RunConfig
 from sls.criteria import list_criteria
 from sls.experiment import Experiment
+from sls.petl.merge import deployable_model
 from sls.pipeline import finetune, prune, retrain_pruned, score_blocks
 from sls.recipes import apply_recipe
 from sls.train import accuracy
@@ -40,7 +41,8 @@ def study(data: str, criteria: list[str], epochs: int) -> list[str]:
         retrain_pruned(exp, pruned)
         after = accuracy(pruned, exp.test_loader, progress=False)
         results[depth] = (pruned, before, after)
-    models = {"full": exp.model} | {f"k={k}": m for k, (m, _, _) in results.items()}
+    # Timed as deployed (LoRA folded), like every figure sls reports.
+    models = {"full": deployable_model(exp.model)} | {f"k={k}": deployable_model(m) for k, (m, _, _) in results.items()}
     speed = throughput(models, batch_size=32, img_size=exp.backbone.img_size)
     rows = [f"| {data} | full model | {exp.backbone.num_blocks} | {100 * acc_full:.1f} | - | 1.00x |"]
     for criterion, depth in chosen.items():

@@ -1,15 +1,15 @@
 """ViT-B/16 and Swin-B throughput, full against SLS-pruned, at several batch sizes and precisions.
 
     python bench/gpu_throughput.py                                   # a GPU machine: batch 1 and 64
-    OMP_NUM_THREADS=1 python bench/gpu_throughput.py --batches 1,8 --iters 2 --rounds 3   # a small CPU
+    OMP_NUM_THREADS=1 python bench/gpu_throughput.py --batches 1,8 --min-time 0.2 --rounds 3   # a small CPU
 
 Random weights (``weights="random"``: speed does not depend on the values), 224 px, no
 PETL modules: LoRA and RepAdapter fold into the linear layers for inference, so the
 plain backbone is what a deployed task runs. Each model is truncated at every k of
 ``--depths`` (for Swin-B, whose stages hold 2, 2, 18, 2 blocks, 4 and 22 are stage
-boundaries and 8 falls inside stage 3). For each (model, precision, batch) the full
-and pruned models are timed in turns on the same batch (sls.bench.throughput), so the
-speed-ups are ratios measured in one run. ``amp`` is torch.autocast to bfloat16 (float16
+boundaries and 8 falls inside stage 3). For each (model, precision) the full and pruned
+models are measured in turns on the same batches (sls.bench.measure: throughput per
+batch size, batch-1 latency, FLOPs), so the speed-ups are ratios measured in one run. ``amp`` is torch.autocast to bfloat16 (float16
 on GPUs without bfloat16). Prints a Markdown table labelled with the device.
 """
 
@@ -23,7 +23,7 @@ import sys
 import torch
 
 from sls.backbones import create_backbone, truncate
-from sls.bench import parameter_count, throughput
+from sls.bench import measure
 from sls.runtime import Runtime, resolve_device
 
 MODELS = {"vit_base_patch16_224": "ViT-B/16", "swin_base_patch4_window7_224": "Swin-B"}
@@ -50,18 +50,19 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,amp", help="fp32, amp or both (default: fp32,amp)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed forwards per model (default: 10)")
-    parser.add_argument("--iters", type=int, default=50, help="timed forwards per round (default: 50)")
+    parser.add_argument("--warmup-time", type=float, default=1.0, help="seconds of untimed forwards (default: 1)")
+    parser.add_argument("--min-time", type=float, default=1.0,
+                        help="seconds of timed forwards per model and round (default: 1)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported (default: 3)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    print(f"Device: **{device_label(device)}**; torch {torch.__version__}; 224 px; warm-up {args.warmup}, "
-          f"{args.rounds} rounds x {args.iters} timed forwards, median round; channels-last "
+    print(f"Device: **{device_label(device)}**; torch {torch.__version__}; 224 px; warm-up {args.warmup_time:g} s, "
+          f"{args.rounds} rounds of at least {args.min_time:g} s per model, median round; channels-last "
           f"{'on' if args.channels_last else 'off'}.")
     print(f"Command: `{' '.join(['python', *sys.argv])}`\n")
-    print("| model | precision | batch | variant | blocks | params (M) | img/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | precision | batch | variant | blocks | params (M) | GFLOPs | img/s | speed-up | p50 ms (batch 1) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         full, info = create_backbone(name, num_classes=100, weights="random")
         depths = args.swin_depths if info.family == "swin" else args.depths
@@ -70,15 +71,18 @@ def main() -> None:
             runtime = Runtime(device=device, amp=precision == "amp", channels_last=args.channels_last)
             for model in models.values():
                 runtime.place(model)
+            figures = measure(models, img_size=info.img_size, batch_sizes=args.batches, min_time=args.min_time,
+                              rounds=args.rounds, warmup_time=args.warmup_time, runtime=runtime)  # fmt: skip
+            label = f"amp ({str(runtime.amp_dtype(device)).removeprefix('torch.')})" if runtime.amp else "fp32"
             for batch in args.batches:
-                rates = throughput(models, batch_size=batch, img_size=info.img_size, warmup=args.warmup,
-                                   iters=args.iters, rounds=args.rounds, runtime=runtime)  # fmt: skip
-                label = f"amp ({str(runtime.amp_dtype(device)).removeprefix('torch.')})" if runtime.amp else "fp32"
-                for variant, model in models.items():
+                base = figures["full"]["throughput"][str(batch)]
+                for variant, mine in figures.items():
                     blocks = info.num_blocks if variant == "full" else int(variant[2:])
+                    rate = mine["throughput"][str(batch)]
+                    latency = f"{mine['latency_ms']['p50']:.2f}" if "latency_ms" in mine else ""
                     print(f"| {MODELS.get(name, name)} | {label} | {batch} | {variant} | {blocks}/{info.num_blocks} "
-                          f"| {parameter_count(model) / 1e6:.1f} | {rates[variant]:.1f} | "
-                          f"{rates[variant] / rates['full']:.2f}x |", flush=True)  # fmt: skip
+                          f"| {mine['parameters'] / 1e6:.1f} | {mine['flops'] / 1e9:.1f} | {rate:.1f} | "
+                          f"{rate / base:.2f}x | {latency} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

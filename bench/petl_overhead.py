@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--depth", type=int, default=8, help="the pruned depth timed beside the full one")
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed forwards per model and round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -63,7 +63,7 @@ def main() -> None:
         models[(method, "full")] = deployed
         models[(method, f"k={args.depth}")] = truncate(copy.deepcopy(deployed), args.depth)
     rates = throughput({f"{m}/{d}": model for (m, d), model in models.items()}, batch_size=args.batch,
-                       img_size=args.img_size, iters=args.iters, rounds=args.rounds)  # fmt: skip
+                       img_size=args.img_size, min_time=args.min_time, rounds=args.rounds)  # fmt: skip
 
     print(f"Command: `{' '.join(['python', *sys.argv])}`; {info.model}, {args.img_size} px, batch {args.batch}, "
           f"{torch.get_num_threads()} thread(s), one run.\n")

@@ -29,6 +29,7 @@ from sls.backbones import truncate
 from sls.bench import throughput
 from sls.config import RunConfig
 from sls.experiment import Experiment
+from sls.petl.merge import deployable_model
 from sls.pipeline import finetune, retrain_pruned, score_blocks
 from sls.recipes import apply_recipe
 from sls.train import accuracy
@@ -53,7 +54,8 @@ def bench_dataset(data: str, budgets: list[int], variants: list[str]) -> dict:
     selector = score_blocks(exp)
     depth = selector.depth_
     pruned = truncate(copy.deepcopy(exp.model), depth)
-    rates = throughput({"full": exp.model, "pruned": pruned}, batch_size=config.throughput_batch,
+    rates = throughput({"full": deployable_model(exp.model), "pruned": deployable_model(pruned)},
+                       batch_size=config.throughput_batch,
                        img_size=exp.backbone.img_size)  # fmt: skip
     result = {
         "data": data, "depth": int(depth), "num_blocks": exp.backbone.num_blocks,

@@ -5,14 +5,15 @@
 No training: bytes depend on shapes only, and a truncated ViT runs as fast whatever
 its values, so the LoRA and head tensors are random.
 
-1. Storage, per k: a LoRA task (r=8 on qkv, 10 classes). SLS keeps the LoRA tensors
-   of blocks 1..k + the head (task-<sha256>.safetensors) + the record; DepGraph keeps its whole
-   pruned backbone (LoRA merged, as a safetensors state dict) at the ratio removing as
-   many parameters as dropping blocks k+1..N does. Printed: both sizes and
-   DepGraph bytes / SLS bytes.
+1. Storage, per k: a LoRA task (r=8 on q and v, 10 classes). SLS keeps the LoRA tensors
+   of blocks 1..k + the head (task-<sha256>.safetensors) + the record; DepGraph, at the
+   ratio removing as many parameters as dropping blocks k+1..N does, keeps in one
+   accounting its whole pruned backbone (LoRA merged, as a safetensors state dict), in
+   the other, over a frozen shared backbone, its kept-channel indices + the LoRA sliced
+   to them + head + record. Printed: the sizes and their ratios to SLS's.
 2. Speed, per k: images/s of the backbone truncated to k blocks against the full one
-   (timed in turns in one run), the FLOPs ratio (torch's FlopCounterMode) and
-   speed-up / FLOPs ratio, from bench/throughput.py.
+   (sls.bench.measure, one run), the FLOPs ratio and speed-up / FLOPs ratio, from
+   bench/throughput.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sls import __version__
 from sls.artifact import task_tensor_bytes
 from sls.backbones import create_backbone, truncate
-from sls.baselines.depgraph import depgraph_prune, ratio_for_parameter_reduction
+from sls.baselines.depgraph import depgraph_prune, kept_indices_bytes, ratio_for_parameter_reduction
 from sls.bench import parameter_count, state_dict_bytes
 from sls.config import RunConfig
 from sls.export import deployable_model
@@ -98,8 +99,12 @@ def storage(model, info, petl, depths: list[int], img_size: int) -> list[dict]:
         sls_bytes = task_tensor_bytes(kept) + record_bytes(info, petl, depth)
         removed = parameter_count(full) - parameter_count(deployable_model(kept))
         ratio = ratio_for_parameter_reduction(full, loader, removed)
-        pruned = depgraph_prune(full, loader, ratio=ratio, n_batches=1)
+        pruned, channels = depgraph_prune(full, loader, ratio=ratio, n_batches=1, return_kept=True)
+        # Over a frozen shared backbone: kept-channel indices + LoRA sliced to them + head + record.
+        sliced = petl.apply(copy.deepcopy(pruned))
+        indices = kept_indices_bytes(channels) + task_tensor_bytes(sliced) + record_bytes(info, petl, depth)
         rows.append({"depth": depth, "sls_bytes": sls_bytes, "depgraph_bytes": state_dict_bytes(pruned),
+                     "depgraph_indices_bytes": indices,
                      "ratio": ratio, "removed_sls": removed,
                      "removed_depgraph": parameter_count(full) - parameter_count(pruned)})  # fmt: skip
     return rows
@@ -122,12 +127,13 @@ def main() -> None:
           f"LoRA r={petl.hparams['r']} on {','.join(petl.hparams['target_modules'])}, {NUM_CLASSES} classes, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print("\n1. storage per task at the same parameter reduction (DepGraph bytes / SLS bytes)")
-    print(f"{'k':>3} {'SLS bytes':>11} {'DepGraph bytes':>15} {'ratio':>8} {'DepGraph r':>11} {'removed SLS':>12} "
-          f"{'removed DepGraph':>17}")  # fmt: skip
+    print(f"{'k':>3} {'SLS bytes':>11} {'DepGraph bytes':>15} {'ratio':>8} {'indices bytes':>14} {'ratio':>7} "
+          f"{'DepGraph r':>11} {'removed SLS':>12} {'removed DepGraph':>17}")  # fmt: skip
     for row in storage(model, info, petl, depths, args.img_size):
         print(f"{row['depth']:>3} {row['sls_bytes']:>11,} {row['depgraph_bytes']:>15,} "
-              f"{row['depgraph_bytes'] / row['sls_bytes']:7.1f}x {row['ratio']:>11.3f} {row['removed_sls']:>12,} "
-              f"{row['removed_depgraph']:>17,}")  # fmt: skip
+              f"{row['depgraph_bytes'] / row['sls_bytes']:7.1f}x {row['depgraph_indices_bytes']:>14,} "
+              f"{row['depgraph_indices_bytes'] / row['sls_bytes']:6.2f}x {row['ratio']:>11.3f} "
+              f"{row['removed_sls']:>12,} {row['removed_depgraph']:>17,}")  # fmt: skip
 
     print(f"\n2. speed-up / FLOPs ratio of the backbone truncated to k blocks, batch {args.batch_size}, CPU")
     del model
@@ -136,7 +142,7 @@ def main() -> None:
                                rounds=args.rounds)  # fmt: skip
     print(f"{'model':>7} {'img/s':>8} {'speed-up':>9} {'FLOPs ratio':>12} {'efficiency':>11}")
     for name, r in results.items():
-        print(f"{name:>7} {r['images_per_s']:8.1f} {r['speedup']:8.2f}x {r['flops_ratio']:11.2f}x "
+        print(f"{name:>7} {r['throughput'][str(args.batch_size)]:8.1f} {r['speedup']:8.2f}x {r['flops_ratio']:11.2f}x "
               f"{r['efficiency']:11.2f}")
 
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from sls import __version__
@@ -24,7 +25,7 @@ from sls.experiment import Experiment
 from sls.features import cached_block_features, feature_key_parts
 from sls.report import plot_criteria, plot_embeddings
 from sls.runtime import Runtime
-from sls.select import DepthSelector
+from sls.select import DepthSelector, criterion_options
 
 
 @dataclass
@@ -53,16 +54,34 @@ class AnalyzeConfig:
     progress: bool = True
 
 
-def analyze(config: AnalyzeConfig, *, runtime: Runtime | None = None) -> dict:
-    """Score the blocks with every requested criterion; write and return the results.
+@dataclass
+class AnalysedFeatures:
+    """Every block's pooled features of the analysed training images, and their source.
+
+    Attributes:
+        features: one ``(n, d)`` array per block, bottom-up.
+        labels: ``(n,)`` class indices.
+        block_input: ``(n, d)`` pooled input of block 1.
+        model: the backbone's name.
+        classes: the dataset's class names.
+        cache_hit: whether the features came from the feature cache.
+    """
+
+    features: list[np.ndarray]
+    labels: np.ndarray
+    block_input: np.ndarray
+    model: str
+    classes: list[str]
+    cache_hit: bool
+
+
+def analysed_features(config: AnalyzeConfig, *, runtime: Runtime | None = None) -> AnalysedFeatures:
+    """One forward pass (or a feature-cache hit) for every block's pooled feature of
+    ``config.samples`` training images of ``config.data``: a task folder's fine-tuned
+    model (all N blocks, with their PETL modules) or the plain backbone ``config.model``.
 
     The model runs where ``runtime`` says (default: the CPU); a task folder is opened
     through :meth:`sls.experiment.Experiment.from_record`."""
-    started = time.perf_counter()
-    for name in config.criteria:
-        criterion_class(name)  # fail on a typo before any forward pass
-    if config.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {config.seeds}")
     data = load_dataset(config.data)
     runtime = runtime or Runtime()
     if config.task:
@@ -73,7 +92,7 @@ def analyze(config: AnalyzeConfig, *, runtime: Runtime | None = None) -> dict:
             model, info = create_backbone(config.model, num_classes=len(data.classes), weights=config.weights,
                                           img_size=config.img_size)  # fmt: skip
         runtime.place(model.eval())
-    name, img_size, mean, std, interpolation = info.model, info.img_size, info.mean, info.std, info.interpolation
+    img_size, mean, std, interpolation = info.img_size, info.mean, info.std, info.interpolation
     # A task's own data is split as its run split it, so the same images are scored.
     sizes = {}
     if config.task and record.config.data == config.data:
@@ -86,15 +105,34 @@ def analyze(config: AnalyzeConfig, *, runtime: Runtime | None = None) -> dict:
     (features, labels, block_input), cache_hit = cached_block_features(
         model, loader, key_parts=key, use_cache=config.use_cache, progress=config.progress
     )
+    return AnalysedFeatures(features, labels, block_input, info.model, list(data.classes), cache_hit)
+
+
+def analyze(config: AnalyzeConfig, *, runtime: Runtime | None = None) -> dict:
+    """Score the blocks with every requested criterion; write and return the results.
+
+    The model runs where ``runtime`` says (default: the CPU); a task folder is opened
+    through :meth:`sls.experiment.Experiment.from_record`."""
+    started = time.perf_counter()
+    for name in config.criteria:
+        criterion_class(name)  # fail on a typo before any forward pass
+    if config.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {config.seeds}")
+    runtime = runtime or Runtime()
+    analysed = analysed_features(config, runtime=runtime)
+    features, labels, block_input, name = analysed.features, analysed.labels, analysed.block_input, analysed.model
 
     results = []
     embeddings = None
     for criterion in config.criteria:
-        selector = DepthSelector(alpha=config.alpha, criterion=criterion, tsne=config.tsne,
-                                 perplexity=config.perplexity, pca_dims=config.pca_dims, random_state=config.seed,
-                                 n_seeds=config.seeds, progress=config.progress).fit(features, labels, block_input)  # fmt: skip
-        if criterion == "sls":
-            embeddings = (selector.embeddings_, selector.scores_per_seed_[0], selector.depths_per_seed_[0])
+        # One set of options for every criterion: each gets those it takes; n_jobs=-1: blocks in parallel.
+        options = {"tsne": config.tsne, "perplexity": config.perplexity, "pca_dims": config.pca_dims, "n_jobs": -1,
+                   "progress": config.progress}  # fmt: skip
+        selector = DepthSelector(alpha=config.alpha, criterion=criterion, random_state=config.seed, n_seeds=config.seeds,
+                                 **{k: v for k, v in options.items() if k in criterion_options(criterion)})  # fmt: skip
+        selector.fit(features, labels, block_input)
+        if criterion == "sls":  # the first seed's points and their own scores; kept/dropped by the chosen k
+            embeddings = (selector.embeddings_, selector.scores_per_seed_[0], selector.depth_)
         results.append({
             "criterion": criterion,
             "kind": selector.kind_,
@@ -115,11 +153,12 @@ def analyze(config: AnalyzeConfig, *, runtime: Runtime | None = None) -> dict:
         "sls_version": __version__,
         "model": name,
         "task": config.task,
-        "data": {"name": config.data, "split": "train", "samples": int(len(indices))},
+        "data": {"name": config.data, "split": "train", "samples": len(labels)},
         "depth_rule": "quality criteria: SLS top-down rule with T = alpha * score_N; importance criteria: "
-                      "k = highest block with score >= alpha * max; over seeds: the most frequent k (ties: larger)",
+                      "k = highest block with score >= alpha * max; over seeds: the rule on the mean scores "
+                      "(depths_per_seed: each seed's own k)",
         "criteria": results,
-        "feature_cache_hit": cache_hit,
+        "feature_cache_hit": analysed.cache_hit,
         "runtime": runtime.describe(),
         "seconds": round(time.perf_counter() - started, 1),
         "config": dataclasses.asdict(config) | {"out": str(out)},
@@ -129,7 +168,7 @@ def analyze(config: AnalyzeConfig, *, runtime: Runtime | None = None) -> dict:
     plot_criteria(out / "scores.png", results)
     if embeddings is not None:
         points, scores, depth = embeddings
-        plot_embeddings(out / "tsne.png", points, labels, scores, depth=depth, classes=data.classes)
+        plot_embeddings(out / "tsne.png", points, labels, scores, depth=depth, classes=analysed.classes)
     return summary
 
 

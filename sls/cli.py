@@ -335,39 +335,70 @@ def _compare(args: argparse.Namespace) -> int:
     summary = result["summary"]
     table = Table(title=f"SLS (k = {summary['depth']} of {summary['num_blocks']} blocks) against DepGraph, "
                         f"batch {result['settings']['throughput_batch']}")  # fmt: skip
-    for column in ("model", "retrained", "test accuracy", "img/s", "speed-up", "parameters", "storage per task"):
+    for column in ("model", "retrained", "test accuracy", "img/s", "speed-up", "batch 1", "p50 ms", "GFLOPs",
+                   "parameters", "storage: whole", "storage: indices"):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in result["rows"]:
         table.add_row(row["model"], "yes" if row["retrained"] else "no", f"{100 * row['accuracy']:.1f}%",
-                      f"{row['throughput']:.1f}", f"{row['speedup']:.2f}x", f"{row['parameters'] / 1e6:.3f} M",
-                      _size(row["storage_bytes"]))  # fmt: skip
+                      f"{row['throughput']:.1f}", f"{row['speedup']:.2f}x", f"{row['speedup_batch1']:.2f}x",
+                      f"{row['latency_p50_ms']:.1f}", f"{row['gflops']:.2f}", f"{row['parameters'] / 1e6:.3f} M",
+                      _size(row["storage_bytes"]), _size(row["storage_bytes_indices"]))  # fmt: skip
     Console().print(table)
     params, speed = summary["equal_parameters"], summary["equal_throughput"]
-    print(f"storage per task, DepGraph at equal parameters / SLS: {summary['storage_ratio_depgraph_over_sls']:.1f}x")
+    print(f"storage per task, DepGraph at equal parameters / SLS: {summary['storage_ratio_depgraph_over_sls']:.1f}x "
+          f"storing its pruned backbone (as its users do); "
+          f"{summary['storage_ratio_depgraph_indices_over_sls']:.2f}x storing only kept-channel indices + PETL + head "
+          "over a frozen shared backbone")  # fmt: skip
     print(f"equal parameters (DepGraph r={params['ratio']:.3f}): accuracy SLS - DepGraph = "
-          f"{100 * params['accuracy_sls_minus_depgraph']:+.1f} points ({summary['sls_row']})")
+          f"{100 * params['accuracy_sls_minus_depgraph']:+.1f} points ({summary['sls_row']}; "
+          f"{100 * params['accuracy_sls_minus_depgraph_magnitude']:+.1f} against magnitude ranking); "
+          f"SLS {params['sls_over_depgraph_throughput']:.2f}x its img/s, DepGraph "
+          f"{params['depgraph_over_sls_flops']:.2f}x SLS's FLOPs")  # fmt: skip
     print(f"equal throughput (DepGraph r={speed['ratio']:.3f}, {speed['depgraph_over_sls_throughput']:.2f}x SLS's "
-          f"img/s): accuracy SLS - DepGraph = {100 * speed['accuracy_sls_minus_depgraph']:+.1f} points")
+          f"img/s): accuracy SLS - DepGraph = {100 * speed['accuracy_sls_minus_depgraph']:+.1f} points "
+          f"({100 * speed['accuracy_sls_minus_depgraph_magnitude']:+.1f} against magnitude ranking)")
     print(f"results in {result['out']} (compare.json, compare.csv, compare.png)")
     return 0
 
 
 EXPORT_SUFFIXES = {"safetensors": ".safetensors", "torchscript": ".pt", "onnx": ".onnx"}
+EXPORT_FORMATS = [*EXPORT_SUFFIXES, "peft"]  # peft's is a folder
 
 
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sls.experiment import load_task
-    from sls.export import deployable_model, export_model
+    from sls.export import (
+        PEFT_CONFIG,
+        PEFT_README,
+        PEFT_WEIGHTS,
+        check_peft_exportable,
+        deployable_model,
+        export_model,
+        export_peft,
+    )
+    from sls.record import read_record
     from sls.runtime import Runtime
 
     _one_process("export")
+    if args.format == "peft":  # refused before any model is built
+        check_peft_exportable([read_record(args.task).petl["method"]])
     # Traced on the CPU unless told otherwise: the file should not depend on the exporting machine.
     model, record = load_task(args.task, weights=args.weights, runtime=Runtime.from_options(args.device or "cpu"))
-    path = Path(args.out) if args.out else Path(args.task) / "export" / f"model{EXPORT_SUFFIXES[args.format]}"
-    export_model(deployable_model(model), path, args.format, model_kwargs=record.backbone.get("model_kwargs"))
     backbone = record.backbone
+    if args.format == "peft":
+        path = Path(args.out) if args.out else Path(args.task) / "export" / "peft"
+        # The folder's README names the backbone's weights: --weights when given, not the record's.
+        weights = {} if not args.weights else {"weights": args.weights if args.weights == "random"
+                                               else str(Path(args.weights).resolve())}  # fmt: skip
+        export_peft(model, path, backbone={**backbone, **weights})
+        print(f"{path}: peft LoRA adapter ({PEFT_WEIGHTS} {_size((path / PEFT_WEIGHTS).stat().st_size)}, "
+              f"{PEFT_CONFIG}) for {backbone['timm_name']} cut to {record.depth} of {record.num_blocks} blocks; "
+              f"{PEFT_README} there shows PeftModel.from_pretrained on the timm model")  # fmt: skip
+        return 0
+    path = Path(args.out) if args.out else Path(args.task) / "export" / f"model{EXPORT_SUFFIXES[args.format]}"
+    export_model(deployable_model(model), path, args.format, model_kwargs=backbone.get("model_kwargs"))
     print(f"{path}: {args.format}, {record.depth} of {record.num_blocks} blocks, "
           f"{_size(path.stat().st_size)}; input {backbone['img_size']} px normalised with "
           f"mean {tuple(backbone['mean'])}, std {tuple(backbone['std'])}")
@@ -474,10 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--criterion", default="sls",
                          help=f"comma-separated criteria among {', '.join(list_criteria())} (default: %(default)s)")
     analyze.add_argument("--alpha", type=float, default=0.3, help="threshold factor (default: %(default)s)")
-    analyze.add_argument("--tsne", default="sklearn", choices=["sklearn", "opentsne"], help="t-SNE backend (default: %(default)s)")
+    analyze.add_argument("--tsne", default="sklearn", choices=["sklearn", "opentsne", "opentsne-fft"],
+                         help="t-SNE backend (default: %(default)s)")
     analyze.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: %(default)s)")
     analyze.add_argument("--pca", type=int, default=None, metavar="DIMS", help="PCA to DIMS dimensions before t-SNE")
-    analyze.add_argument("--seeds", type=int, default=1, help="seeds per stochastic criterion; k = the most frequent")
+    analyze.add_argument("--seeds", type=int, default=1, help="seeds per stochastic criterion; k = the rule on the mean scores")
     analyze.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     analyze.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     analyze.add_argument("--out", default=None, help="output folder (default: runs/analyze-<data>-<model>-<time>)")
@@ -510,8 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a task's pruned model as one standalone file "
                                                 "(LoRA and RepAdapter merged, dropped blocks gone)")  # fmt: skip
     export.add_argument("task", help="a pruned task folder")
-    export.add_argument("--format", required=True, choices=list(EXPORT_SUFFIXES), help="file format")
-    export.add_argument("--out", default=None, help="file to write (default: TASK/export/model.<ext>)")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="file format; peft: a LoRA task as a peft adapter folder, unmerged")
+    export.add_argument("--out", default=None,
+                        help="file to write, folder for peft (default: TASK/export/model.<ext>, TASK/export/peft)")
     export.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
     add_config_options(export, ("device",), default_note="cpu")
     export.set_defaults(handler=_export)

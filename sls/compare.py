@@ -8,19 +8,25 @@ test split:
   without retraining, and a few other depths (the fine-tuned model truncated; not
   retrained unless ``retrain_epochs`` is given);
 - DepGraph (:mod:`sls.baselines.depgraph`: Taylor importance on a few training
-  batches, one uniform ratio, attention head dims pruned, adapters and head kept) of
-  the same fine-tuned model at (a) the ratio removing as many parameters as SLS's k,
-  (b) the ratio whose measured throughput matches SLS's k, and (c) every ratio of
-  ``ratios``. With ``retrain_epochs`` every DepGraph model is retrained for that many
-  epochs (the PETL modules, re-inserted where pruning folded them away, and the head).
+  batches, one uniform ratio, attention head dims pruned, every kept width a multiple
+  of 8, adapters and head kept) of the same fine-tuned model at (a) the ratio removing
+  as many parameters as SLS's k, (b) the ratio whose measured throughput matches SLS's
+  k, and (c) every ratio of ``ratios``; and at (a) and (b) with magnitude importance
+  too, so the comparison does not rest on one ranking. With ``retrain_epochs`` every
+  DepGraph model is retrained for that many epochs (the PETL modules, re-inserted where
+  pruning folded them away, and the head).
 
-Retraining here is :func:`sls.train.train`'s schedule (warm-up, then cosine) from the
-current values, at the task's learning rate: the pipeline's default ``clr`` strategy,
-whatever strategy the task itself was retrained with.
+Retraining here uses the task's own strategy and options (``clr`` for a task that was
+not retrained), the same for SLS's other depths and for DepGraph, at the task's
+schedule: the SLS row and the DepGraph rows get the same retraining. Two exceptions,
+stated in ``compare.json``: ``tfs`` cannot reset DepGraph's pruned modules to values
+they never had, so DepGraph gets ``clr`` there; ``distill``'s feature term compares
+widths DepGraph changed, so it is off for DepGraph.
 
 Every model is measured as it is deployed (:func:`sls.export.deployable_model`: LoRA
-and RepAdapter folded into the backbone's linears), all in one
-:func:`sls.bench.throughput` run so a noisy machine hits them alike.
+and RepAdapter folded into the backbone's linears), all in one :func:`sls.bench.measure`
+run so a noisy machine hits them alike: throughput at batch 1 and at the task's batch,
+batch-1 latency percentiles, parameters, FLOPs and peak memory.
 
 Equal throughput (b) is found by interpolation, not bisection: the DepGraph models at
 the ``ratios`` and at the equal-parameter ratio are timed with SLS's model; the ratio
@@ -30,10 +36,16 @@ the two ratios around it, or extrapolated from the last two, capped at
 :data:`~sls.baselines.depgraph.MAX_RATIO`. The model at that ratio is then timed again
 with all the others; the reported figures come from that final run.
 
-Per-task storage in bytes: SLS keeps its task tensor file + ``record.json`` (the
-shared backbone is not counted: every task reuses it); the full PETL model keeps the
-PETL tensors of all N blocks + head + the record; DepGraph keeps its whole pruned
-model (widths differ from the shared backbone's), as a ``.safetensors`` state dict.
+Per-task storage in bytes, in two accountings. ``storage_bytes``, what a DepGraph user
+meets in practice (and the paper assumes): SLS keeps its task tensor file +
+``record.json`` (the shared backbone is not counted: every task reuses it); the full
+PETL model keeps the PETL tensors of all N blocks + head + the record; DepGraph keeps
+its whole pruned model (widths differ from the shared backbone's), as a
+``.safetensors`` state dict. ``storage_bytes_indices``: with the backbone frozen and
+shared, a DepGraph task could instead keep the indices of its kept channels (int32)
++ its PETL tensors (sized for the pruned widths; a folded method's fine-tuned update
+sliced to the kept channels too, once the model is retrained with a fresh one on top)
++ head + the record, about as little as SLS; SLS's rows are the same in both.
 """
 
 from __future__ import annotations
@@ -53,20 +65,28 @@ from sls._io import write_json, write_text
 from sls._rng import seeded
 from sls.artifact import RECORD_FILE, task_file, task_tensor_bytes
 from sls.backbones import truncate
-from sls.baselines.depgraph import MAX_RATIO, depgraph_prune, ratio_for_parameter_reduction
-from sls.bench import parameter_count, state_dict_bytes, throughput
+from sls.baselines.depgraph import (
+    MAX_RATIO,
+    ROUND_TO,
+    depgraph_prune,
+    kept_indices_bytes,
+    ratio_for_parameter_reduction,
+)
+from sls.bench import measure, parameter_count, state_dict_bytes, throughput
 from sls.errors import ConfigError, TaskRecordError
 from sls.experiment import Experiment, pruned_model
 from sls.export import deployable_model
 from sls.petl import head_parameter_names, petl_from_record
 from sls.record import TaskRecord
 from sls.report import plot_compare
+from sls.retrain import create_strategy
 from sls.runtime import Runtime
-from sls.train import accuracy, train
+from sls.train import Schedule, accuracy
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
-CSV_COLUMNS = ("model", "method", "depth", "ratio", "matched", "retrained", "accuracy", "throughput", "speedup",
-               "parameters", "storage_bytes")  # fmt: skip
+CSV_COLUMNS = ("model", "method", "importance", "depth", "ratio", "matched", "retrained", "accuracy", "throughput",
+               "speedup", "throughput_batch1", "speedup_batch1", "latency_p50_ms", "latency_p99_ms", "gflops",
+               "flops_ratio", "peak_memory_mb", "parameters", "storage_bytes", "storage_bytes_indices")  # fmt: skip
 
 
 @dataclass
@@ -81,6 +101,8 @@ class _Candidate:
     matched: str | None = None  # "task" (SLS's k), "parameters" or "throughput" (DepGraph)
     retrained: bool = False
     storage_bytes: int = 0
+    storage_bytes_indices: int | None = None  # None: the same as storage_bytes
+    importance: str | None = None  # DepGraph's channel ranking
 
 
 def default_depths(depth: int, num_blocks: int) -> list[int]:
@@ -139,41 +161,65 @@ def _make_trainable(model: nn.Module, record: TaskRecord) -> nn.Module:
     return model
 
 
-def _retrain(model: nn.Module, exp: Experiment, epochs: int, desc: str) -> None:
+def _retrain(model: nn.Module, exp: Experiment, record: TaskRecord, epochs: int, *, depgraph: bool = False) -> str:
+    """Retrain ``model`` in place with the task's strategy for ``epochs``; returns the
+    strategy used (see the module docstring for DepGraph's two exceptions)."""
+    name = record.retrain_strategy or "clr"
+    options = dict(record.retrain_options or {}) if record.retrain_strategy else {}
+    if depgraph and name == "tfs":
+        name, options = "clr", {}
+    if depgraph and name == "distill":
+        options["feature_weight"] = 0.0
     cfg = exp.config
     # The task's own schedule; warm-up is scaled when the epochs differ.
     warmup = cfg.warmup_epochs
     if warmup is not None:
         warmup = float(warmup) * epochs / max(1, exp.retrain_epochs)
+    schedule = Schedule(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=warmup, min_lr=cfg.min_lr)
+    if exp.train_loader.generator is not None:
+        exp.train_loader.generator.manual_seed(cfg.seed)
     with seeded(cfg.seed):
-        train(model, exp.train_loader, epochs=epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=warmup,
-              min_lr=cfg.min_lr, desc=desc, progress=cfg.progress, runtime=exp.runtime)  # fmt: skip
+        create_strategy(name, **options).retrain(model, teacher=exp.model, loader=exp.train_loader, epochs=epochs,
+                                                 schedule=schedule, initial_state=exp.initial_state,
+                                                 progress=cfg.progress, runtime=exp.runtime)  # fmt: skip
+    return name
 
 
 def _rows(candidates: list[_Candidate], exp: Experiment, *, batch_size: int) -> list[dict]:
-    """Accuracy, throughput (one run), parameters and storage of every candidate."""
+    """Accuracy, the measurements (one run), parameters and storage of every candidate."""
     unique = {id(c.model): c.model for c in candidates}  # a model listed twice is measured once
-    rates = throughput({str(key): model for key, model in unique.items()}, batch_size=batch_size,
-                       img_size=exp.backbone.img_size, runtime=exp.runtime)  # fmt: skip
+    figures = measure({str(key): model for key, model in unique.items()}, img_size=exp.backbone.img_size,
+                      batch_sizes=(1, batch_size), runtime=exp.runtime, progress=exp.log)  # fmt: skip
     accuracies = {key: accuracy(model, exp.test_loader, desc="test", progress=exp.config.progress, runtime=exp.runtime)
                   for key, model in unique.items()}  # fmt: skip
-    full_rate = rates[str(id(candidates[0].model))]
-    return [
-        {
+    full = figures[str(id(candidates[0].model))]
+    rows = []
+    for c in candidates:
+        mine = figures[str(id(c.model))]
+        rate, rate1 = mine["throughput"][str(batch_size)], mine["throughput"]["1"]
+        rows.append({
             "model": c.name,
             "method": c.method,
+            "importance": c.importance,
             "depth": c.depth,
             "ratio": None if c.ratio is None else round(c.ratio, 4),
             "matched": c.matched,
             "retrained": c.retrained,
             "accuracy": accuracies[id(c.model)],
-            "throughput": rates[str(id(c.model))],
-            "speedup": rates[str(id(c.model))] / full_rate,
-            "parameters": parameter_count(c.model),
+            "throughput": rate,
+            "speedup": rate / full["throughput"][str(batch_size)],
+            "throughput_batch1": rate1,
+            "speedup_batch1": rate1 / full["throughput"]["1"],
+            "latency_p50_ms": mine["latency_ms"]["p50"],
+            "latency_p99_ms": mine["latency_ms"]["p99"],
+            "gflops": mine["flops"] / 1e9,
+            "flops_ratio": full["flops"] / mine["flops"],
+            "peak_memory_mb": mine["peak_memory"]["forward"] / 1e6,
+            "parameters": mine["parameters"],
             "storage_bytes": c.storage_bytes,
-        }
-        for c in candidates
-    ]
+            "storage_bytes_indices": c.storage_bytes if c.storage_bytes_indices is None else c.storage_bytes_indices,
+        })  # fmt: skip
+    return rows
 
 
 def compare_csv(rows: list[dict]) -> str:
@@ -272,13 +318,22 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
         candidates.append(sls_fair)
     if retrain_epochs is not None:
         sls_fair = sls_task
+        if not task_retrained or retrain_epochs != record.retrain_epochs:
+            # The task's own row had another budget: SLS's k gets the DepGraph rows' one here.
+            log(f"retraining SLS k={depth} for {retrain_epochs} epoch(s), the budget of every retrained row")
+            model = truncate(copy.deepcopy(finetuned), depth)
+            _retrain(model, exp, record, retrain_epochs)
+            sls_fair = _Candidate(f"SLS k={depth} retrained {retrain_epochs} epoch(s)", "sls", deployable_model(model),
+                                  depth, retrained=True, storage_bytes=task_tensor_bytes(model) + record_bytes)  # fmt: skip
+            candidates.append(sls_fair)
     for other in depths:
         if other in (depth, num_blocks):
             continue
         log(f"SLS at k={other}")
         model = truncate(copy.deepcopy(finetuned), other)
         if retrain_epochs is not None:
-            _retrain(model, exp, retrain_epochs, f"retrain SLS k={other}")
+            log(f"retraining SLS k={other}")
+            _retrain(model, exp, record, retrain_epochs)
         candidates.append(_Candidate(f"SLS k={other}", "sls", deployable_model(model), other,
                                      retrained=retrain_epochs is not None,
                                      storage_bytes=task_tensor_bytes(model) + record_bytes))  # fmt: skip
@@ -290,14 +345,30 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
     log(f"DepGraph: searching the ratio that removes {target} parameters")
     ratio_params = ratio_for_parameter_reduction(base, importance_loader, target)
 
-    def depgraph(ratio: float, name: str, matched: str | None = None) -> _Candidate:
-        log(f"DepGraph at ratio {ratio:.4f}")
-        model = depgraph_prune(base, importance_loader, ratio=ratio, n_batches=n_batches)
+    depgraph_strategies = set()
+
+    def depgraph(ratio: float, name: str, matched: str | None = None, importance: str = "taylor") -> _Candidate:
+        log(f"DepGraph at ratio {ratio:.4f} ({importance})")
+        model, kept = depgraph_prune(base, importance_loader, ratio=ratio, n_batches=n_batches, importance=importance,
+                                     return_kept=True)  # fmt: skip
+        petl = petl_from_record(record.petl)
+        folded = not any(petl.is_petl_param(n) for n, _ in model.named_parameters())  # LoRA, RepAdapter
+        trainable = _make_trainable(model, record)
         if retrain_epochs is not None:
-            _retrain(_make_trainable(model, record), exp, retrain_epochs, f"retrain {name}")
-        deployable = deployable_model(model)
+            log(f"retraining {name}")
+            depgraph_strategies.add(_retrain(trainable, exp, record, retrain_epochs, depgraph=True))
+        deployable = deployable_model(trainable)
+        # Over a frozen shared backbone: the kept channels' indices, the PETL tensors at
+        # the pruned widths and the head rebuild this model. A folded method's fine-tuned
+        # update lives in the pruned weights, so once retrained a fresh one rides on top
+        # of it: both are counted (sliced to the kept channels, the first has the second's shapes).
+        petl_bytes = sum(p.numel() * p.element_size() for n, p in trainable.named_parameters() if petl.is_petl_param(n))
+        indices = kept_indices_bytes(kept) + task_tensor_bytes(trainable) + record_bytes
+        if folded and retrain_epochs is not None:
+            indices += petl_bytes
         return _Candidate(name, "depgraph", deployable, num_blocks, ratio=ratio, matched=matched,
-                          retrained=retrain_epochs is not None, storage_bytes=state_dict_bytes(deployable))  # fmt: skip
+                          retrained=retrain_epochs is not None, storage_bytes=state_dict_bytes(deployable),
+                          storage_bytes_indices=indices, importance=importance)  # fmt: skip
 
     grid = [depgraph(r, f"DepGraph r={r:.2f}") for r in ratios]
     by_params = depgraph(ratio_params, f"DepGraph =params r={ratio_params:.2f}", "parameters")
@@ -309,30 +380,44 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
                                       [calibration["full"], *(calibration[str(r)] for r, _ in measured)],
                                       calibration["sls"])  # fmt: skip
     by_speed = depgraph(ratio_speed, f"DepGraph =speed r={ratio_speed:.2f}", "throughput")
-    candidates += [by_params, by_speed, *grid]
+    magnitude = [depgraph(ratio_params, f"DepGraph magnitude =params r={ratio_params:.2f}", "parameters", "magnitude"),
+                 depgraph(ratio_speed, f"DepGraph magnitude =speed r={ratio_speed:.2f}", "throughput", "magnitude")]
+    candidates += [by_params, by_speed, *magnitude, *grid]
 
     log("measuring every model: throughput in one run, then test accuracy")
     rows = _rows(candidates, exp, batch_size=batch_size)
     named = {row["model"]: row for row in rows}
     fair, task_row = named[sls_fair.name], named[sls_task.name]
     params_row, speed_row = named[by_params.name], named[by_speed.name]
+    magnitude_params, magnitude_speed = named[magnitude[0].name], named[magnitude[1].name]
     full_params = named["full"]["parameters"]
     summary = {
         "depth": depth,
         "num_blocks": num_blocks,
         "sls_row": fair["model"],
         "retrained": fair["retrained"],
+        # The SLS row the differences use had the DepGraph rows' retraining (or none, as they).
+        "retrain_epochs": retrain_epochs,
+        # DepGraph's whole pruned backbone (what its users store) / SLS's task files.
         "storage_ratio_depgraph_over_sls": params_row["storage_bytes"] / task_row["storage_bytes"],
+        # Kept-channel indices + PETL + head (a frozen, shared backbone) / SLS's task files.
+        "storage_ratio_depgraph_indices_over_sls": params_row["storage_bytes_indices"] / task_row["storage_bytes"],
         "parameters_removed": {"sls": full_params - task_row["parameters"],
                                "depgraph_equal_parameters": full_params - params_row["parameters"],
                                "full": full_params},  # fmt: skip
         "equal_parameters": {"ratio": params_row["ratio"],
-                             "accuracy_sls_minus_depgraph": fair["accuracy"] - params_row["accuracy"]},  # fmt: skip
+                             "accuracy_sls_minus_depgraph": fair["accuracy"] - params_row["accuracy"],
+                             "accuracy_sls_minus_depgraph_magnitude": fair["accuracy"] - magnitude_params["accuracy"],
+                             "sls_over_depgraph_throughput": task_row["throughput"] / params_row["throughput"],
+                             "sls_over_depgraph_throughput_batch1":
+                                 task_row["throughput_batch1"] / params_row["throughput_batch1"],
+                             "depgraph_over_sls_flops": params_row["gflops"] / task_row["gflops"]},  # fmt: skip
         "equal_throughput": {"ratio": speed_row["ratio"], "sls_images_per_s": task_row["throughput"],
                              "depgraph_images_per_s": speed_row["throughput"],
                              # Below 1 when even MAX_RATIO is slower than SLS: no DepGraph ratio matches.
                              "depgraph_over_sls_throughput": speed_row["throughput"] / task_row["throughput"],
-                             "accuracy_sls_minus_depgraph": fair["accuracy"] - speed_row["accuracy"]},  # fmt: skip
+                             "accuracy_sls_minus_depgraph": fair["accuracy"] - speed_row["accuracy"],
+                             "accuracy_sls_minus_depgraph_magnitude": fair["accuracy"] - magnitude_speed["accuracy"]},  # fmt: skip
     }
     out = Path(out) if out is not None else task_dir / "compare"
     result = {
@@ -343,7 +428,10 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
         "settings": {"ratios": ratios, "depths": depths, "retrain_epochs": retrain_epochs, "n_batches": n_batches,
                      "throughput_batch": batch_size, "img_size": img_size, "threads": torch.get_num_threads(),
                      "device": str(exp.runtime.device), "amp": exp.runtime.amp,
-                     "task_retrain_epochs": record.retrain_epochs if task_retrained else None},  # fmt: skip
+                     "task_retrain_epochs": record.retrain_epochs if task_retrained else None,
+                     "retrain_strategy": (record.retrain_strategy or "clr") if retrain_epochs is not None else None,
+                     "depgraph_retrain_strategies": sorted(depgraph_strategies),
+                     "depgraph_round_to": ROUND_TO, "depgraph_importances": ["taylor", "magnitude"]},  # fmt: skip
     }
     write_text(out / "compare.csv", compare_csv(rows))
     plot_compare(out / "compare.png", rows, title=f"{record.backbone['model']} + {record.petl['method']} "

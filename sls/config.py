@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import time
 import typing
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ class RunConfig:
     ``batch_size`` stays the global batch.
     """
 
-    model: str = field(default="embedded-dinov2-s", metadata=_opt("embedded model name or timm model name"))
+    model: str = field(default="embedded-dinov2-s", metadata=_opt(
+        "embedded model name, timm model name or hf-hub:ORG/NAME"))
     weights: str | None = field(default=None, metadata=_opt(
         "local weights file for the timm model ('random' for random weights)"))
     model_kwargs: dict = field(default_factory=dict, metadata=_opt(
@@ -120,11 +122,13 @@ class RunConfig:
     val_samples: int | None = field(default=1000, metadata=_opt(
         "validation images --max-drop and the training curves measure on, or 'all'", none="all"))
     criterion: str = field(default="sls", metadata=_opt("layer criterion that chooses k", names="criteria"))
-    tsne: str = field(default="sklearn", metadata=_opt("t-SNE backend", choices=("sklearn", "opentsne")))
+    tsne: str = field(default="sklearn", metadata=_opt(
+        "t-SNE backend: sklearn (the paper's), opentsne (Barnes-Hut, exact neighbours) or opentsne-fft (FFT "
+        "gradients, approximate neighbours)", choices=("sklearn", "opentsne", "opentsne-fft")))
     perplexity: float = field(default=30.0, metadata=_opt("t-SNE perplexity"))
     tsne_seed: int = field(default=0, metadata=_opt("seed of the first t-SNE start"))
     tsne_seeds: int = field(default=1, metadata=_opt(
-        "t-SNE starts to score the blocks with: mean scores, k = the most frequent k (ties: the larger)",
+        "t-SNE starts to score the blocks with: the scores are their mean, T and k the rule on that mean",
         metavar="N"))
     depth: int | None = field(default=None, metadata=_opt("keep exactly this many blocks instead of SLS's k"))
     force: bool = field(default=False, metadata=_opt(
@@ -302,7 +306,9 @@ def config_yaml(config: RunConfig, resolved: dict | None = None) -> str:
 
 def default_out_dir(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.data}-{config.model}-{config.petl}-{stamp}"
+    # A hub name (hf-hub:org/name) holds a slash and a colon: one folder, not two.
+    model = re.sub(r"[^\w.-]+", "_", config.model).strip("_")
+    return Path("runs") / f"{config.data}-{model}-{config.petl}-{stamp}"
 
 
 def auto_epochs(n_train: int, batch_size: int) -> int:

@@ -24,12 +24,14 @@ class DataError(SLSError):
     """A dataset that cannot be read or is unusable for the requested step."""
 
 
-class ConfigError(SLSError):
-    """An option value out of range or inconsistent with another."""
+class ConfigError(SLSError, ValueError):
+    """An option value out of range or inconsistent with another (a ``ValueError``, as
+    scikit-learn raises for a bad hyper-parameter)."""
 
 
-class ScoreError(SLSError):
-    """Features or labels that a layer criterion cannot score."""
+class ScoreError(SLSError, ValueError):
+    """Features or labels that a layer criterion cannot score (a ``ValueError``, as
+    scikit-learn raises for bad input to ``fit``)."""
 
 
 class TaskRecordError(SLSError):

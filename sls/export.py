@@ -15,6 +15,10 @@ also folds RepAdapter away. :func:`export_model` writes that model in one of thr
   is installed.
 
 The traced formats fix the image side: feed images of the size the model was built for.
+
+:func:`export_peft` writes a LoRA task unmerged, as a peft adapter folder
+(``adapter_model.safetensors``, ``adapter_config.json`` and a ``README.md`` on how to
+load it) that ``peft.PeftModel.from_pretrained`` puts on the timm model cut to k blocks.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sls._io import atomic_write
+from sls._io import atomic_write, write_json, write_text
 from sls.backbones import num_blocks, swin, vit
 from sls.errors import ConfigError
+from sls.petl import head_parameter_names, trainable_state
 from sls.petl.merge import deployable_model, merge_for_inference, merge_lora, petl_left
 from sls.runtime import Runtime
 
-__all__ = ["deployable_model", "export_model", "merge_for_inference", "merge_lora", "predict", "read_export_metadata"]
+__all__ = ["deployable_model", "export_model", "export_peft", "merge_for_inference", "merge_lora", "predict",
+           "read_export_metadata"]
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 METADATA_KEY = "sls_export"
@@ -192,6 +198,196 @@ def read_export_metadata(path: str | Path) -> dict:
         return json.loads(header[METADATA_KEY])
     except ValueError:
         raise ConfigError(f"{path}: its {METADATA_KEY!r} metadata is not JSON; the export is damaged") from None
+
+
+PEFT_WEIGHTS, PEFT_CONFIG, PEFT_README = "adapter_model.safetensors", "adapter_config.json", "README.md"
+_PEFT_PREFIX = "base_model.model."
+"""What peft's saved keys start with: the path of the wrapped model inside a ``PeftModel``."""
+
+
+def check_peft_exportable(methods: list[str]) -> None:
+    """Refuse a task whose PETL method is not LoRA (``methods``: the methods it uses)."""
+    others = [method for method in methods if method != "lora"]
+    if others or not methods:
+        used = ", ".join(others) or "no PETL module"
+        raise ConfigError(f"the peft format holds LoRA adapters, and this task uses {used}; export it as "
+                          f"{', '.join(FORMATS)} instead (--format)")  # fmt: skip
+
+
+@torch.no_grad()
+def _lora_layers(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], float]:
+    """Every LoRA layer of ``model`` as peft holds it, ``{module path: (lora_A weight,
+    lora_B weight, lora_alpha)}`` with peft's ``lora_alpha / r`` the layer's scaling;
+    and the layers' dropout probability.
+
+    sls's :class:`~sls.petl.lora.QKVLoRA` with parts P becomes one LoRA of rank
+    ``len(P) * r`` on the fused ``qkv``: ``A`` the parts' ``A`` stacked, ``B`` block
+    structured (the rows of a part read only its own ``r`` columns; the rows of a part
+    not adapted are zero), which gives the same update ``[B_q A_q x; 0; B_v A_v x]``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    from sls.petl.lora import QKV_PARTS, QKVLoRA
+
+    layers, dropout = {}, 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, QKVLoRA):
+            rank, width = module.lora_A[module.parts[0]].out_features, module.base_layer.out_features // 3
+            lora_a = torch.cat([module.lora_A[part].weight for part in module.parts])
+            lora_b = lora_a.new_zeros(3 * width, len(module.parts) * rank)
+            for column, part in enumerate(module.parts):
+                row = QKV_PARTS.index(part) * width
+                lora_b[row : row + width, column * rank : (column + 1) * rank] = module.lora_B[part].weight
+            layers[name] = (lora_a, lora_b, module.scaling * lora_b.shape[1])
+            dropout = module.dropout.p
+        elif isinstance(module, LoraLayer):
+            (adapter,) = module.lora_A.keys()  # sls injects one adapter, peft's "default"
+            lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            layers[name] = (lora_a, lora_b, module.scaling[adapter] * lora_a.shape[0])
+            dropout = getattr(module.lora_dropout[adapter], "p", 0.0)  # an Identity at 0
+    tensors = {name: (a.detach().cpu().contiguous(), b.detach().cpu().contiguous(), alpha)
+               for name, (a, b, alpha) in layers.items()}  # fmt: skip
+    return tensors, dropout
+
+
+def _peft_matches(name: str, target: str) -> bool:
+    # peft's rule for a list of target_modules: the whole path, or its end after a dot.
+    return name == target or name.endswith(f".{target}")
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _lora_config(model: nn.Module, layers: dict, modules_to_save: list[str], dropout: float, base_model: str) -> dict:
+    """``adapter_config.json``: peft's own ``LoraConfig`` fields, targeting exactly ``layers``."""
+    from peft import LoraConfig
+
+    # The layers' own names (qkv, fc1, ...) when they pick out exactly the adapted
+    # layers, as in peft's examples; their full paths otherwise.
+    paths = set(layers)
+    short = sorted({path.rpartition(".")[2] for path in paths})
+    matched = {name for name, _ in model.named_modules() if any(_peft_matches(name, t) for t in short)}
+    targets = short if matched == paths else sorted(paths)
+    shape = {t: {(layers[p][0].shape[0], layers[p][2]) for p in paths if _peft_matches(p, t)} for t in targets}
+    if any(len(kinds) > 1 for kinds in shape.values()):  # one name, several ranks: name each layer
+        targets = sorted(paths)
+        shape = {t: {(layers[t][0].shape[0], layers[t][2])} for t in targets}
+    (rank, alpha), *_ = shape[targets[0]]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=_number(alpha),
+        lora_dropout=dropout,
+        target_modules=targets,
+        rank_pattern={t: r for t in targets for r, _ in shape[t] if r != rank},
+        alpha_pattern={t: _number(a) for t in targets for _, a in shape[t] if a != alpha},
+        modules_to_save=modules_to_save or None,
+        bias="none",
+        use_rslora=False,  # peft's scaling is then lora_alpha / r, as above
+        inference_mode=True,
+        base_model_name_or_path=base_model,
+    ).to_dict()
+    # As PeftModel.save_pretrained writes it: sets as lists, and the model's class.
+    config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+    config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    return dict(sorted(config.items()))
+
+
+def _peft_readme(metadata: dict, backbone: dict, modules_to_save: list[str], out_dir: Path) -> str:
+    """How a peft user rebuilds the model: the backbone as sls built it, its first k
+    blocks copied into the pruned timm architecture, then the adapter. Both models are
+    built from the name sls built the backbone from (an ``hf-hub:`` name brings its
+    config's architecture arguments)."""
+    name, size = backbone.get("timm_name", metadata["timm_name"]), backbone.get("img_size", metadata["img_size"])
+    model_kwargs, weights = backbone.get("model_kwargs") or {}, backbone.get("weights", "timm")
+    if weights == "random":
+        build = ["from sls.backbones import create_backbone  # sls's seeded random weights",
+                 f"backbone, _ = create_backbone({backbone.get('model', name)!r}, num_classes=0, weights='random', "
+                 f"img_size={size}, model_kwargs={model_kwargs!r})"]  # fmt: skip
+    else:
+        options = "".join(f", {key}={value!r}" for key, value in model_kwargs.items())
+        overlay = "" if weights == "timm" else f", pretrained_cfg_overlay=dict(file={weights!r})"
+        build = [f"backbone = timm.create_model({name!r}, pretrained=True, num_classes=0, "
+                 f"img_size={size}{options}{overlay})"]
+    inputs = f"{size} px images"
+    if "mean" in backbone and "std" in backbone:
+        inputs += f" normalised with mean {tuple(backbone['mean'])} and std {tuple(backbone['std'])}"
+    return "\n".join([
+        f"# LoRA adapter for {name}, cut to its first {metadata['depth']} blocks by sls",
+        "",
+        "peft loads it onto the timm model of the kept blocks, holding the backbone's weights:",
+        "",
+        "```python",
+        "import timm",
+        "from peft import PeftModel",
+        "",
+        *build,
+        f"model = timm.create_model({name!r}, **{metadata['timm_kwargs']!r})",
+        "own = model.state_dict()  # the head (and a norm of another width) come from the adapter",
+        "model.load_state_dict({key: value for key, value in backbone.state_dict().items()",
+        "                       if key in own and value.shape == own[key].shape}, strict=False)",
+        f"model = PeftModel.from_pretrained(model, {str(out_dir)!r}).eval()",
+        "```",
+        "",
+        f"The adapter holds the LoRA layers and, as peft's `modules_to_save`, "
+        f"{', '.join(f'`{module}`' for module in modules_to_save)}.",
+        f"Inputs: {inputs}. `model.merge_and_unload()` folds LoRA in for deployment.",
+        "",
+    ])  # fmt: skip
+
+
+def export_peft(model: nn.Module, out_dir: str | Path, *, backbone: dict | None = None) -> Path:
+    """Write a LoRA task as a peft adapter folder, each file atomically.
+
+    ``adapter_model.safetensors`` holds the LoRA factors under peft's key names
+    (``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight``) and the task's other
+    tensors (the head; a Swin's fresh final norm) as peft's ``modules_to_save``
+    (``base_model.model.<module>.<tensor>``), with the export metadata of the
+    safetensors format (:func:`read_export_metadata` reads it). ``adapter_config.json``
+    is peft's ``LoraConfig``. ``PeftModel.from_pretrained`` then loads the folder onto
+    ``timm.create_model(timm_name, **timm_kwargs)`` holding the backbone's weights,
+    which gives this model's outputs (``README.md`` in the folder shows how).
+
+    Args:
+        model: a LoRA task's model (as :func:`sls.experiment.load_task` returns it); left untouched.
+        out_dir: the folder to write (created if need be).
+        backbone: the record's backbone entry (``timm_name``, ``weights``, ``img_size``,
+            ``model_kwargs``, ``mean``, ``std``), for the config and the README.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ConfigError: the model has PETL modules other than LoRA, or none.
+    """
+    from safetensors.torch import save_file
+
+    check_peft_exportable(petl_left(model))
+    backbone, out_dir = backbone or {}, Path(out_dir)
+    layers, dropout = _lora_layers(model)
+    inside_lora = tuple(f"{path}." for path in layers)
+    task_tensors = set(trainable_state(model)) | head_parameter_names(model)
+    owners = sorted({name.rpartition(".")[0] for name in task_tensors if not name.startswith(inside_lora)})
+    if "" in owners:  # peft saves whole modules, and the model itself is not one
+        own = ", ".join(name for name in sorted(task_tensors) if "." not in name)
+        raise ConfigError(f"the peft format cannot hold task tensors of the model itself ({own}); "
+                          "export it as safetensors")
+    # peft wraps every module whose path ends with a modules_to_save name (no dot
+    # needed), and loading needs the tensors of each: write them all.
+    wrapped = [name for name, _ in model.named_modules() if name and any(name.endswith(o) for o in owners)]
+    state = {}
+    for path, (lora_a, lora_b, _) in layers.items():
+        state[f"{_PEFT_PREFIX}{path}.lora_A.weight"], state[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = lora_a, lora_b
+    for module in wrapped:
+        for key, tensor in model.get_submodule(module).state_dict().items():
+            state[f"{_PEFT_PREFIX}{module}.{key}"] = tensor.detach().cpu().contiguous()
+    metadata = export_metadata(model, _image_side(model, backbone.get("img_size")), backbone.get("model_kwargs"))
+    config = _lora_config(model, layers, owners, dropout, backbone.get("timm_name", metadata["timm_name"]))
+    header = {"format": "pt", METADATA_KEY: json.dumps(metadata)}
+    atomic_write(out_dir / PEFT_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata=header))
+    write_text(out_dir / PEFT_README, _peft_readme(metadata, backbone, owners, out_dir))
+    write_json(out_dir / PEFT_CONFIG, config)  # last: a folder with a config is a whole adapter
+    return out_dir
 
 
 @torch.inference_mode()

@@ -24,8 +24,9 @@ from sls.bench import throughput
 from sls.errors import ConfigError
 from sls.experiment import Experiment
 from sls.features import cached_block_features, feature_key_parts
+from sls.petl.merge import deployable_model
 from sls.retrain import create_strategy, search_depth, within_budget
-from sls.select import DepthSelector
+from sls.select import DepthSelector, criterion_options
 from sls.train import accuracy, train
 
 NEAR_CHANCE = 0.1
@@ -92,9 +93,13 @@ def score_blocks(exp: Experiment, criterion: str | None = None) -> DepthSelector
     key = feature_key_parts(exp.data, "train", exp.analysed, bb.img_size, bb.mean, bb.std, bb.interpolation)
     analysis, _ = cached_block_features(exp.model, exp.analysis_loader, key_parts=key, use_cache=cfg.cache,
                                        progress=cfg.progress)
-    selector = DepthSelector(alpha=cfg.alpha, criterion=criterion or cfg.criterion, tsne=cfg.tsne,
-                             perplexity=cfg.perplexity, random_state=cfg.tsne_seed, n_seeds=cfg.tsne_seeds,
-                             progress=cfg.progress)  # fmt: skip
+    # The run's t-SNE options reach its own criterion as given (one it does not take is
+    # refused); another criterion (a study) gets those it takes. n_jobs=-1: blocks in parallel.
+    options = {"tsne": cfg.tsne, "perplexity": cfg.perplexity, "n_jobs": -1, "progress": cfg.progress}
+    if criterion is not None and criterion != cfg.criterion:
+        options = {key: value for key, value in options.items() if key in criterion_options(criterion)}
+    selector = DepthSelector(alpha=cfg.alpha, criterion=criterion or cfg.criterion, random_state=cfg.tsne_seed,
+                             n_seeds=cfg.tsne_seeds, **options)  # fmt: skip
     return distributed.run_on_main(selector.fit, *analysis)  # t-SNE once; other processes get k from it
 
 
@@ -169,7 +174,8 @@ def budget_search(exp: Experiment, start: int) -> dict:
     search = search_depth(evaluate, start=start, n_blocks=n_blocks, full_accuracy=full, max_drop=cfg.max_drop)
     exp.log(f"--max-drop {cfg.max_drop:g}: k = {search.depth} after {search.evaluations} depth(s) tried from {start}")
     depths = sorted({depth for depth, _ in search.tried} | {n_blocks})
-    models = {str(d): exp.model if d == n_blocks else prune(exp, d) for d in depths}
+    # Timed as deployed (LoRA and RepAdapter folded), like every other figure.
+    models = {str(d): deployable_model(exp.model if d == n_blocks else prune(exp, d)) for d in depths}
     rates = distributed.run_on_main(throughput, models, batch_size=cfg.throughput_batch,
                                     img_size=exp.backbone.img_size, runtime=runtime)  # fmt: skip
     tried = [{"depth": depth, "val_accuracy": acc, "drop_points": 100 * (full - acc),

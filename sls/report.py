@@ -250,8 +250,17 @@ def summary_rows(record: dict) -> list[tuple[str, str, str]]:
             f"{res['throughput']['full']:.1f} img/s",
             f"{res['throughput']['pruned']:.1f} img/s  ({speedup:.2f}x)",
         ),
-        ("task storage", "", f"{res['storage_bytes']['task'] / 1e3:.1f} kB (PETL + head + k)"),
     ]
+    figures = res.get("measurements")
+    if figures:
+        full, pruned = figures["full"], figures["pruned"]
+        rows.append(("GFLOPs per image", f"{full['flops'] / 1e9:.2f}",
+                     f"{pruned['flops'] / 1e9:.2f}  ({full['flops'] / pruned['flops']:.2f}x fewer)"))  # fmt: skip
+        if "latency_ms" in full:
+            rows.append(("latency (batch 1, p50 / p99)", f"{full['latency_ms']['p50']:.1f} / {full['latency_ms']['p99']:.1f} ms",
+                         f"{pruned['latency_ms']['p50']:.1f} / {pruned['latency_ms']['p99']:.1f} ms  "
+                         f"({full['latency_ms']['p50'] / pruned['latency_ms']['p50']:.2f}x)"))  # fmt: skip
+    rows.append(("task storage", "", f"{res['storage_bytes']['task'] / 1e3:.1f} kB (PETL + head + k)"))
     return rows
 
 

@@ -1,21 +1,27 @@
 """Depth selection: from per-block scores to the number of blocks to keep.
 
-:class:`DepthSelector` is a scikit-learn-style estimator over plain numpy arrays
-(no torch): ``DepthSelector(alpha=0.3).fit(features, labels)`` scores every block
-with a registered criterion and applies the SLS stop rule (:func:`select_depth`).
+:class:`DepthSelector` is a scikit-learn estimator over plain numpy arrays (no
+torch): ``DepthSelector(alpha=0.3).fit(features, labels)`` scores every block with a
+registered criterion and applies the SLS stop rule (:func:`select_depth`).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import time
 import warnings
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
-from sls.criteria import criterion_class
-from sls.errors import ConfigError
+from sls.criteria import criterion_class, list_criteria
+from sls.criteria.silhouette import TSNE_BACKENDS
+from sls.errors import ConfigError, ScoreError
 
 
 @dataclass(frozen=True)
@@ -94,46 +100,71 @@ def select_depth(scores: np.ndarray, alpha: float, kind: str = "quality") -> Dep
     return DepthDecision(1, threshold, "all-pass")
 
 
-def most_frequent_depth(depths: list[int]) -> int:
-    """The most frequent k; a tie goes to the larger k (pruning less is the safe side)."""
-    values, counts = np.unique(np.asarray(depths), return_counts=True)
-    return int(values[counts == counts.max()].max())
+# DepthSelector options a criterion may take, by the name its constructor uses. Options
+# that shape the scores are refused by a criterion that does not take them (unless left
+# at their default); execution settings go to the criteria that take them.
+_SCORE_OPTIONS = {"tsne": "backend", "perplexity": "perplexity", "pca_dims": "pca_dims"}
+_EXECUTION_OPTIONS = {"n_jobs": "n_jobs", "progress": "progress"}
 
 
-class DepthSelector:
+def criterion_options(criterion: str) -> set[str]:
+    """The :class:`DepthSelector` options ``criterion`` takes, e.g. ``{"tsne", "perplexity",
+    "pca_dims", "n_jobs", "progress"}`` for ``"sls"`` and ``set()`` for ``"cka"``; a caller
+    that scores several criteria with one set of options passes each only these."""
+    accepted = inspect.signature(criterion_class(criterion).__init__).parameters
+    return {option for option, arg in (_SCORE_OPTIONS | _EXECUTION_OPTIONS).items() if arg in accepted}
+
+
+class DepthSelector(BaseEstimator):
     """Choose how many bottom blocks of a network to keep.
 
-    Hyper-parameters are stored untouched; :meth:`fit` validates and works.
+    A scikit-learn estimator (``get_params``, ``set_params``, ``clone``, ``repr``):
+    hyper-parameters are stored untouched; :meth:`fit` validates them and works.
 
     Args:
         alpha: threshold factor; see :func:`select_depth`. 0.3 is the paper's ViT value
             and our default for every family (the paper's Swin value is unknown: the
             published code's -1 is a bug).
         criterion: name of a registered criterion (see :mod:`sls.criteria`).
-        tsne: t-SNE backend for the ``sls`` criterion: ``"sklearn"`` or ``"opentsne"``.
-        perplexity: t-SNE perplexity.
-        pca_dims: project features on this many principal components before t-SNE.
-        random_state: seed of the first run of a stochastic criterion.
+        tsne: t-SNE backend of the ``sls`` criterion, one of
+            :data:`sls.criteria.silhouette.TSNE_BACKENDS`.
+        perplexity: t-SNE perplexity (``sls``).
+        pca_dims: project features on this many principal components before t-SNE (``sls``).
+        random_state: integer seed of the first run of a stochastic criterion.
         n_seeds: runs of a stochastic criterion, with seeds ``random_state``,
-            ``random_state + 1``, ...; k is the most frequent per-seed k (ties: the larger).
-            For ``sls`` the first run is the paper's exact t-SNE and the others start
-            from its PCA layout jittered by their seed (see :mod:`sls.criteria.silhouette`).
-        n_jobs: worker processes for scoring blocks (default: one per core).
+            ``random_state + 1``, ...; the scores are their mean and the rule applies to
+            that mean (see Attributes). For ``sls`` the first run is the paper's exact
+            t-SNE and the others start from scikit-learn's PCA start jittered by their
+            seed (see :mod:`sls.criteria.silhouette`). A deterministic criterion runs once.
+        n_jobs: worker processes for scoring blocks, as in scikit-learn: None means 1
+            (unless inside a ``joblib.parallel_config`` context), -1 one per core.
         progress: show a progress bar.
 
+    ``tsne``, ``perplexity`` and ``pca_dims`` shape the scores: :meth:`fit` refuses a
+    value other than the default for a criterion that does not take them
+    (:func:`criterion_options` says which do). ``n_jobs`` and ``progress`` change no
+    score and go to the criteria that take them.
+
     Attributes:
-        scores_: ``(n_blocks,)`` score per block, bottom-up (mean over seeds).
+        scores_: ``(n_blocks,)`` score per block, bottom-up: the mean over seeds. The
+            threshold, k and everything the record and the plots show derive from it.
         scores_std_: ``(n_blocks,)`` standard deviation over seeds (zeros for one seed).
         scores_per_seed_: ``(n_seeds, n_blocks)`` scores of each seed.
-        depths_per_seed_: k of each seed.
-        threshold_: T of the first seed that chose ``depth_``.
-        depth_: k, the 1-based number of kept blocks.
+        depths_per_seed_: the k each seed's own scores give (the spread of k over t-SNE
+            starts); ``depth_`` is not their vote but the rule on ``scores_``.
+        threshold_: T of the rule on ``scores_`` (``alpha * scores_[-1]`` for a quality
+            criterion).
+        depth_: k, the 1-based number of kept blocks: ``select_depth(scores_, alpha).depth``.
         reason_: why the walk stopped (see :class:`DepthDecision`).
         margin_: distance of the decision to T (see :class:`DepthDecision`); None
             unless the rule fired.
         passing_below_: blocks under the stop that pass T again (non-monotone scores).
-        embeddings_: scaled 2-D t-SNE points per block of the first seed (``sls`` only).
+        kind_: the criterion's kind (``"quality"`` or ``"importance"``).
+        embeddings_: scaled 2-D t-SNE points per block of the first seed (``sls`` only,
+            else None).
         n_blocks_: number of blocks scored.
+        n_features_in_: width of the blocks' features (of the last block when the
+            widths differ, e.g. across Swin stages).
     """
 
     def __init__(
@@ -158,73 +189,160 @@ class DepthSelector:
         self.n_jobs = n_jobs
         self.progress = progress
 
-    def _make_criterion(self):
-        offered = dict(backend=self.tsne, perplexity=self.perplexity, pca_dims=self.pca_dims,
-                       n_jobs=self.n_jobs, progress=self.progress)  # fmt: skip
-        cls = criterion_class(self.criterion)
-        accepted = inspect.signature(cls.__init__).parameters
-        return cls(**{k: v for k, v in offered.items() if k in accepted})
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True  # the class labels
+        return tags
 
     def fit(
-        self,
-        features: list[np.ndarray],
-        labels: np.ndarray,
-        block_input: np.ndarray | None = None,
+        self, X: list[np.ndarray] | np.ndarray, y: np.ndarray, block_input: np.ndarray | None = None
     ) -> DepthSelector:
         """Score every block and choose the depth.
 
         Args:
-            features: one ``(n, d)`` array per block, bottom-up.
-            labels: ``(n,)`` integer class labels.
+            X: the per-block features, bottom-up: a list of ``(n, d)`` arrays (one per
+                block; the widths may differ), an ``(n_blocks, n, d)`` array, or one
+                ``(n, d)`` array scored as a single block.
+            y: ``(n,)`` class labels (integers, integral floats or strings).
             block_input: ``(n, d)`` pooled input of block 1 (needed by ``block-influence``).
 
         Returns:
             self
+
+        Raises:
+            ConfigError: a hyper-parameter out of range, an unknown criterion or backend,
+                or a score-shaping option the criterion does not take.
+            ScoreError: features or labels the criterion cannot score.
         """
-        if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ConfigError(f"alpha must be a finite number >= 0, got {self.alpha}")
-        if self.n_seeds < 1:
-            raise ConfigError(f"n_seeds must be >= 1, got {self.n_seeds}")
         criterion = self._make_criterion()
+        if y is None:
+            raise ScoreError("DepthSelector requires y to be passed, but the target y is None: give the (n,) class "
+                             "labels the blocks' separability is scored against")  # fmt: skip
+        features = _as_blocks(X)
         seeds = [self.random_state + i for i in range(self.n_seeds if criterion.stochastic else 1)]
         # A criterion whose score takes ``run`` learns which run this is (sls: the
         # first is the paper's exact t-SNE, the others jitter its start).
         takes_run = "run" in inspect.signature(criterion.score).parameters
-        runs, self.embeddings_ = [], None
+        runs, embeddings = [], None
         try:
             for run, seed in enumerate(seeds):
                 extra = {"run": run} if takes_run else {}
-                scores = criterion.score(features, labels, block_input=block_input, random_state=seed, **extra)
+                scores = criterion.score(features, y, block_input=block_input, random_state=seed, **extra)
                 runs.append(np.asarray(scores, dtype=np.float64))
-                if self.embeddings_ is None:
-                    self.embeddings_ = getattr(criterion, "embeddings_", None)
+                if run == 0:
+                    embeddings = getattr(criterion, "embeddings_", None)
         finally:
             _stop_idle_workers()
+        self.kind_ = criterion.kind
         self.scores_per_seed_ = np.stack(runs)
         self.scores_ = self.scores_per_seed_.mean(axis=0)
         self.scores_std_ = self.scores_per_seed_.std(axis=0)
         self.n_blocks_ = len(self.scores_)
-        self.kind_ = criterion.kind
-        decisions = [select_depth(run, self.alpha, self.kind_) for run in runs]
-        self.depths_per_seed_ = [d.depth for d in decisions]
-        chosen = _most_frequent_decision(decisions)
-        self.depth_ = chosen.depth
-        self.threshold_ = chosen.threshold
-        self.reason_ = chosen.reason
-        self.margin_ = chosen.margin
-        self.passing_below_ = list(chosen.passing_below)
+        self.n_features_in_ = int(np.shape(features[-1])[1])
+        self.embeddings_ = embeddings
+        with warnings.catch_warnings():  # the rule on the mean warns below, once
+            warnings.simplefilter("ignore")
+            self.depths_per_seed_ = [select_depth(run, self.alpha, self.kind_).depth for run in runs]
+        decision = select_depth(self.scores_, self.alpha, self.kind_)
+        self.depth_ = decision.depth
+        self.threshold_ = decision.threshold
+        self.reason_ = decision.reason
+        self.margin_ = decision.margin
+        self.passing_below_ = list(decision.passing_below)
         return self
 
     def decide(self, alpha: float) -> DepthDecision:
-        """The stop rule at ``alpha`` on the scores :meth:`fit` computed, without scoring
-        again: k is the most frequent per-seed k (ties: the larger), and the threshold
-        and reason those of the first seed that chose it."""
-        return _most_frequent_decision([select_depth(run, alpha, self.kind_) for run in self.scores_per_seed_])
+        """The stop rule at ``alpha`` on ``scores_`` (the mean over seeds), without
+        scoring again: ``decide(self.alpha)`` gives ``depth_`` and ``threshold_``."""
+        check_is_fitted(self, "scores_")
+        return select_depth(self.scores_, alpha, self.kind_)
+
+    def _make_criterion(self):
+        """Validate the hyper-parameters and build the criterion with the options it
+        takes (the criterion validates their values)."""
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, Real) or not math.isfinite(self.alpha) \
+                or self.alpha < 0:  # fmt: skip
+            raise ConfigError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not _is_int(self.n_seeds) or self.n_seeds < 1:
+            raise ConfigError(f"n_seeds must be an integer >= 1, got {self.n_seeds!r}")
+        if not _is_int(self.random_state):
+            raise ConfigError(f"random_state must be an integer seed, got {self.random_state!r}")
+        if self.n_jobs is not None and (not _is_int(self.n_jobs) or self.n_jobs == 0):
+            raise ConfigError(f"n_jobs must be None, -1 (all cores) or a non-zero integer, got {self.n_jobs!r}")
+        cls = criterion_class(self.criterion)
+        accepted = criterion_options(self.criterion)
+        defaults = {name: p.default for name, p in inspect.signature(DepthSelector.__init__).parameters.items()}
+        for option in _SCORE_OPTIONS:
+            value = getattr(self, option)
+            if option not in accepted and value != defaults[option]:
+                takers = [name for name in list_criteria() if option in criterion_options(name)]
+                raise ConfigError(
+                    f"criterion {self.criterion!r} takes no option {option!r} (got {value!r}); leave it at its "
+                    f"default {defaults[option]!r}, or use a criterion that takes it: {', '.join(takers)}"
+                )
+        arguments = _SCORE_OPTIONS | _EXECUTION_OPTIONS
+        return cls(**{arguments[option]: getattr(self, option) for option in accepted})
 
 
-def _most_frequent_decision(decisions: list[DepthDecision]) -> DepthDecision:
-    depth = most_frequent_depth([d.depth for d in decisions])
-    return next(d for d in decisions if d.depth == depth)
+def tsne_agreement(
+    features: list[np.ndarray],
+    labels: np.ndarray,
+    *,
+    backends: tuple[str, ...] = TSNE_BACKENDS,
+    alpha: float = 0.3,
+    perplexity: float = 30.0,
+    random_state: int = 0,
+    n_jobs: int | None = None,
+) -> dict:
+    """Score the same blocks with each t-SNE backend and compare with the first
+    (scikit-learn's, the paper's, by default).
+
+    Returns:
+        ``{"reference": name, "alpha": alpha, "n_blocks": N, "n_samples": n,
+        "backends": {name: {"scores", "threshold", "depth", "max_abs_diff", "seconds"}}}``:
+        per backend its per-block SLS scores, T and k at ``alpha``, the largest
+        absolute score difference to the reference's, and the wall time of scoring
+        every block (``n_jobs`` workers).
+    """
+    if not backends:
+        raise ConfigError("tsne_agreement needs at least one t-SNE backend")
+    rows, reference = {}, None
+    for backend in backends:
+        started = time.perf_counter()
+        selector = DepthSelector(alpha=alpha, tsne=backend, perplexity=perplexity, random_state=random_state,
+                                 n_jobs=n_jobs).fit(features, labels)  # fmt: skip
+        seconds = time.perf_counter() - started
+        if reference is None:
+            reference = selector.scores_
+        rows[backend] = {
+            "scores": selector.scores_.tolist(),
+            "threshold": float(selector.threshold_),
+            "depth": int(selector.depth_),
+            "max_abs_diff": float(np.max(np.abs(selector.scores_ - reference))),
+            "seconds": seconds,
+        }
+    return {"reference": backends[0], "alpha": alpha, "n_blocks": len(reference), "n_samples": len(labels),
+            "backends": rows}  # fmt: skip
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _as_blocks(X) -> list[np.ndarray]:
+    """The per-block feature list of :meth:`DepthSelector.fit`'s ``X``."""
+    if isinstance(X, np.ndarray) and X.ndim == 3:
+        return list(X)
+    if isinstance(X, (list, tuple)) and len(X) > 0 and all(np.ndim(block) == 2 for block in X):
+        return list(X)
+    if sp.issparse(X):
+        raise ScoreError("X is a sparse matrix; the criteria need dense (n, d) features: use X.toarray()")
+    array = np.asarray(X)
+    if array.ndim != 2:
+        raise ScoreError(
+            f"X must be a list of (n, d) feature arrays, one per block, or one (n, d) array; got shape {array.shape}"
+        )
+    return [array]
 
 
 def _stop_idle_workers() -> None:

@@ -29,10 +29,11 @@ from sls import __version__, distributed
 from sls._io import write_text
 from sls._lock import describe_holder, folder_lock
 from sls.artifact import collect_garbage, save_task, task_tensor_bytes
-from sls.bench import parameter_count, throughput
+from sls.bench import measure
 from sls.config import NOT_COMPARED, RUNTIME_KEYS, RunConfig, config_fields, config_yaml, default_out_dir, nearest
 from sls.errors import ConfigError
 from sls.experiment import Experiment, pruned_model
+from sls.petl.merge import deployable_model
 from sls.pipeline import (
     budget_search,
     check_finetune,
@@ -195,7 +196,8 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
 
     ``settings``: any of :data:`STAGE_SETTINGS` ``["prune"]`` and the runtime keys. k is
     also reported for each of ``alphas``; with ``tsne_seeds`` > 1 the scores are the
-    mean over that many t-SNE starts and k the most frequent one; with ``max_drop`` the
+    mean over that many t-SNE starts, T and k the rule on that mean (each start's own k
+    in ``depths_per_seed``); with ``max_drop`` the
     depth is the one :func:`~sls.pipeline.budget_search` finds from SLS's k.
     A fine-tune that looks failed (near chance, loss barely fell) is refused unless
     ``depth`` or ``force`` is given.
@@ -258,6 +260,7 @@ def stage_retrain(task_dir: str | Path, *, progress: bool = True, runtime: Runti
     record.resolved["retrain_epochs"] = exp.retrain_epochs
     record.stages = ["finetune", "prune", "retrain"]
     record.results.pop("throughput", None)
+    record.results.pop("measurements", None)
     _ran(record, exp, "retrain", started)
     _save(task_dir, pruned, record)
     return record
@@ -276,12 +279,17 @@ def stage_evaluate(task_dir: str | Path, *, progress: bool = True, runtime: Runt
     results["accuracy"][key] = accuracy(pruned, exp.test_loader, desc="test task", progress=progress,
                                         runtime=exp.runtime)  # fmt: skip
     results["accuracy"].setdefault("pruned_retrained", None)
-    speed = distributed.run_on_main(throughput, {"full": exp.model, "pruned": pruned}, batch_size=cfg.throughput_batch,
-                                    img_size=exp.backbone.img_size, runtime=exp.runtime)  # fmt: skip
-    results["throughput"] = {"full": speed["full"], "pruned": speed["pruned"], "batch_size": cfg.throughput_batch,
-                             "unit": "images/s", "threads": torch.get_num_threads(),
-                             "device": str(exp.runtime.device)}  # fmt: skip
-    results["parameters"] = {"full": parameter_count(exp.model), "pruned": parameter_count(pruned),
+    # The models as deployed (LoRA and RepAdapter folded), timed and counted by one function.
+    deployed = {"full": deployable_model(exp.model), "pruned": deployable_model(pruned)}
+    figures = distributed.run_on_main(measure, deployed, img_size=exp.backbone.img_size,
+                                      batch_sizes=(1, cfg.throughput_batch), runtime=exp.runtime)  # fmt: skip
+    del deployed
+    results["throughput"] = {"full": figures["full"]["throughput"][str(cfg.throughput_batch)],
+                             "pruned": figures["pruned"]["throughput"][str(cfg.throughput_batch)],
+                             "batch_size": cfg.throughput_batch, "unit": "images/s", "threads": torch.get_num_threads(),
+                             "device": str(exp.runtime.device), "models": "deployable"}  # fmt: skip
+    results["measurements"] = figures
+    results["parameters"] = {"full": figures["full"]["parameters"], "pruned": figures["pruned"]["parameters"],
                              "task_tensors": sum(p.numel() for p in pruned.parameters() if p.requires_grad)}  # fmt: skip
     results["storage_bytes"] = {"task": task_tensor_bytes(pruned)}
     record.stages = [*[s for s in record.stages if s != "evaluate"], "evaluate"]

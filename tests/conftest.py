@@ -16,6 +16,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SLS_CACHE", str(tmp_path_factory.getbasetemp() / "sls-cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _short_timing():
+    # Tests check what the measurements are made of and how they are reported, never
+    # their values: a short timing keeps the suite fast (bench/ measures for real).
+    import sls.bench
+
+    saved = sls.bench.MIN_TIME, sls.bench.WARMUP_TIME
+    sls.bench.MIN_TIME, sls.bench.WARMUP_TIME = 0.01, 0.0
+    yield
+    sls.bench.MIN_TIME, sls.bench.WARMUP_TIME = saved
+
+
 @pytest.fixture
 def tiny_images():
     """60 random 3x32x32 inputs with labels 0..2."""

@@ -22,7 +22,9 @@ def test_run_writes_a_task_and_prints_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "throughput" in printed and str(out) in printed
     record = json.loads((out / "record.json").read_text())
-    assert record["petl"] == {"method": "adapter", "hparams": {"bottleneck": 4, "scale": 1.0, "dropout": 0.0}}
+    assert record["petl"] == {"method": "adapter", "hparams": {"bottleneck": 4, "scale": 0.1, "dropout": 0.1,
+                                                               "activation": "relu", "placement": "parallel"}}
+    assert "GFLOPs per image" in printed and "latency (batch 1" in printed
     assert record["data"]["analysed_train_samples"] == 200
     # The summary is followed by the rule's margin to T.
     assert record["selection_reason"] == "rule" and f"margin to T: {record['selection_margin']:.3f}" in printed

@@ -67,10 +67,20 @@ def test_rows_cover_the_full_model_sls_and_depgraph(task, compared):
     k = record["depth"]
     assert names[:3] == ["full", f"SLS k={k} (task)", f"SLS k={k} no retrain"]
     assert {row["depth"] for row in rows_of(compared, "sls")} == set(default_depths(k, 6))
-    assert [row["matched"] for row in rows_of(compared, "depgraph")] == ["parameters", "throughput", None, None]
-    assert [row["ratio"] for row in rows_of(compared, "depgraph")][2:] == list(RATIOS)
+    depgraph = rows_of(compared, "depgraph")
+    assert [row["matched"] for row in depgraph] == ["parameters", "throughput", "parameters", "throughput", None, None]
+    assert [row["importance"] for row in depgraph] == ["taylor", "taylor", "magnitude", "magnitude", "taylor", "taylor"]
+    assert [row["ratio"] for row in depgraph[2:4]] == [row["ratio"] for row in depgraph[:2]]
+    assert [row["ratio"] for row in depgraph][4:] == list(RATIOS)
+    full = compared["rows"][0]
     for row in compared["rows"]:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["throughput"] > 0 and row["parameters"] > 0
+        assert row["throughput_batch1"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+        assert row["gflops"] > 0 and row["peak_memory_mb"] > 0
+        assert row["flops_ratio"] == pytest.approx(full["gflops"] / row["gflops"])
+    # Every SLS depth's FLOPs: the embedding, k blocks and the head, so they fall with k.
+    sls_rows = sorted(rows_of(compared, "sls"), key=lambda row: row["depth"])
+    assert all(a["gflops"] < b["gflops"] for a, b in zip(sls_rows, sls_rows[1:]) if a["depth"] < b["depth"])
     # The same test split as the run: the task's accuracies come back (LoRA merged for
     # timing may move an argmax by float rounding, hence one image of 100).
     accuracies = record["results"]["accuracy"]
@@ -97,11 +107,30 @@ def test_depgraph_keeps_far_more_bytes_per_task_than_sls(task, compared):
     )
 
 
+def test_depgraph_storage_in_the_indices_accounting_is_about_sls_size(task, compared):
+    sls_task = compared["rows"][1]
+    for row in compared["rows"]:
+        if row["method"] != "depgraph":
+            assert row["storage_bytes_indices"] == row["storage_bytes"]
+            continue
+        # kept-channel indices + PETL at the pruned widths + head + record: a few kB more
+        # than SLS at most, never the pruned backbone's size.
+        assert sls_task["storage_bytes"] / 4 < row["storage_bytes_indices"] < 3 * sls_task["storage_bytes"], row
+        if row["ratio"] < MAX_RATIO:  # at 0.9 a 64-wide model keeps 6 channels: a toy, not a task
+            assert row["storage_bytes_indices"] < row["storage_bytes"] / 5, row
+    summary = compared["summary"]
+    by_params = rows_of(compared, "depgraph")[0]
+    assert summary["storage_ratio_depgraph_indices_over_sls"] == pytest.approx(
+        by_params["storage_bytes_indices"] / sls_task["storage_bytes"]
+    )
+    assert summary["storage_ratio_depgraph_indices_over_sls"] < 3 < summary["storage_ratio_depgraph_over_sls"]
+
+
 def test_equal_parameter_ratio_removes_as_many_parameters_as_sls(compared):
     removed = compared["summary"]["parameters_removed"]
-    # One residual channel of the 64-wide test_vit holds about 2.5% of its parameters;
-    # the ratio search ends on the nearer side of that step: within 2% of the model.
-    assert abs(removed["depgraph_equal_parameters"] - removed["sls"]) <= 0.02 * removed["full"]
+    # Every kept width is a multiple of 8: on the 64-wide test_vit one step of 8 residual
+    # channels moves about a quarter of the parameters; the search ends on the nearer side.
+    assert abs(removed["depgraph_equal_parameters"] - removed["sls"]) <= 0.15 * removed["full"]
     assert removed["sls"] > 0.3 * removed["full"]
 
 
@@ -146,6 +175,9 @@ def test_compare_command_retrains_depgraph_with_the_task_budget(task, tmp_path, 
     result = json.loads((out / "compare.json").read_text())
     assert result["settings"]["retrain_epochs"] == record["retrain_epochs"] == 2
     assert all(row["retrained"] for row in result["rows"] if row["method"] == "depgraph")
+    # The DepGraph rows retrain with the task's own strategy, as the SLS rows do.
+    assert result["settings"]["retrain_strategy"] == record["retrain_strategy"]
+    assert result["settings"]["depgraph_retrain_strategies"] == [record["retrain_strategy"]]
     assert result["summary"]["sls_row"] == f"SLS k={record['depth']} (task)"
 
 
@@ -281,3 +313,16 @@ def test_a_task_for_another_backbone_is_refused(task, tmp_path, capsys, command)
     assert captured.out == "" and "\n" not in err
     assert "differ from those task" in err and "pass the right --weights" in err
     assert sorted(p.name for p in other.iterdir()) == ["record.json", tensors.name]  # no export written
+
+
+def test_another_retraining_budget_retrains_slss_k_with_it_too(task, tmp_path):
+    task_dir, record = task
+    out = tmp_path / "cmp"
+    assert main(["compare", str(task_dir), "--ratios", "0.3", "--depths", "2", "--retrain-epochs", "1", "--quiet",
+                 "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads((out / "compare.json").read_text())
+    k = record["depth"]
+    # The task was retrained for 2 epochs; the DepGraph rows for 1: the differences use SLS's k retrained for 1 too.
+    assert result["summary"]["sls_row"] == f"SLS k={k} retrained 1 epoch(s)" and result["summary"]["retrain_epochs"] == 1
+    by_name = {row["model"]: row for row in result["rows"]}
+    assert by_name[f"SLS k={k} retrained 1 epoch(s)"]["retrained"] and by_name[f"SLS k={k} (task)"]["retrained"]

@@ -120,8 +120,8 @@ def test_ratio_search_hits_the_target_parameter_reduction(loader, petl):
     ratios = []
     for fraction in (0.2, 0.5):
         target = int(fraction * total)
-        ratio = ratio_for_parameter_reduction(model, loader, target)
-        removed = total - count(depgraph_prune(model, loader, ratio=ratio, n_batches=1))
+        ratio = ratio_for_parameter_reduction(model, loader, target, round_to=None)
+        removed = total - count(depgraph_prune(model, loader, ratio=ratio, n_batches=1, round_to=None))
         # One residual channel of this 64-wide model moves about 2.5% of the
         # parameters; the search ends on the nearer side of that step: within 2%.
         assert abs(removed - target) <= 0.02 * total, (fraction, ratio, removed, target)
@@ -179,3 +179,53 @@ def test_pruned_attention_keeps_the_scale_it_was_trained_with(fused):
     assert (attn.head_dim, attn.attn_dim) == (3, 6)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("round_to, widths", [(8, (48, 24, 136)), (None, (44, 22, 134))])
+def test_widths_are_rounded_to_multiples_of_8_head_dims_included(loader, round_to, widths):
+    # ratio 0.3 of 64 / 32 / 192 channels: 44.8 / 22.4 / 134.4 kept, rounded to 48 / 24 / 136
+    # (torch-pruning's own count, without rounding: 44 / 22 / 134).
+    pruned = depgraph_prune(adapted_vit("lora"), loader, ratio=0.3, round_to=round_to)
+    for block in pruned.blocks:
+        assert (pruned.embed_dim, block.attn.head_dim, block.mlp.fc1.out_features) == widths
+        assert block.attn.qkv.out_features == 3 * block.attn.num_heads * block.attn.head_dim
+
+
+def test_ratio_search_with_rounding_lands_on_the_nearest_achievable_count(loader):
+    model = adapted_vit("lora")
+    total = count(model)
+    target = int(0.4 * total)
+    ratio = ratio_for_parameter_reduction(model, loader, target)
+    removed = total - count(depgraph_prune(model, loader, ratio=ratio, n_batches=1))
+    # The neighbouring achievable counts: one multiple of 8 more or less of every width.
+    neighbours = [total - count(depgraph_prune(model, loader, ratio=r, n_batches=1))
+                  for r in (max(0.0, ratio - 0.125), min(0.85, ratio + 0.125))]  # fmt: skip
+    assert all(abs(removed - target) <= abs(other - target) for other in neighbours), (removed, neighbours, target)
+
+
+@pytest.mark.parametrize("importance", ["taylor", "magnitude"])
+def test_kept_indices_rebuild_the_pruned_layers_from_the_unpruned_ones(loader, importance):
+    from sls.petl.merge import merge_for_inference
+
+    model = adapted_vit("lora")
+    merged = merge_for_inference(model)
+    pruned, kept = depgraph_prune(model, loader, ratio=0.3, importance=importance, return_kept=True)
+    residual = kept["blocks.5.mlp.fc2"]  # the residual group's root
+    assert len(residual) == pruned.embed_dim == 48
+    for b, block in enumerate(pruned.blocks):
+        hidden = kept[f"blocks.{b}.mlp.fc1"]
+        heads = kept[f"blocks.{b}.attn.proj"]  # the head dims, in proj's input space
+        assert len(hidden) == 136 and len(heads) == block.attn.num_heads * block.attn.head_dim
+        original = merged.blocks[b]
+        torch.testing.assert_close(block.mlp.fc1.weight, original.mlp.fc1.weight[hidden][:, residual], rtol=0, atol=0)
+        torch.testing.assert_close(block.attn.proj.weight, original.attn.proj.weight[residual][:, heads], rtol=0, atol=0)
+    torch.testing.assert_close(pruned.head.weight, merged.head.weight[:, residual], rtol=0, atol=0)
+
+
+def test_the_two_importances_rank_channels_differently(loader):
+    _, taylor = depgraph_prune(adapted_vit("lora"), loader, ratio=0.3, return_kept=True)
+    _, magnitude = depgraph_prune(adapted_vit("lora"), loader, ratio=0.3, importance="magnitude", return_kept=True)
+    assert taylor.keys() == magnitude.keys()
+    assert any(not torch.equal(taylor[name], magnitude[name]) for name in taylor)
+    with pytest.raises(ConfigError, match="unknown DepGraph importance"):
+        depgraph_prune(adapted_vit("lora"), loader, ratio=0.3, importance="random")

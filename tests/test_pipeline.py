@@ -55,8 +55,12 @@ def test_record_is_consistent_with_the_rule_and_the_models(tiny_run):
     assert record["depth"] == record["selected_depth"] == decision.depth
     params = record["results"]["parameters"]
     # A test_vit block: norms 2x128, qkv 64x192+192, proj 64x64+64, fc1 64x192+192, fc2 192x64+64
-    # = 41,728 frozen parameters, plus LoRA r=8 on qkv: 8x64 + 192x8 = 2,048.
-    assert params["full"] - params["pruned"] == (6 - record["depth"]) * (41_728 + 2_048)
+    # = 41,728 parameters. The models are counted as deployed: LoRA folded into qkv adds none.
+    assert params["full"] - params["pruned"] == (6 - record["depth"]) * 41_728
+    # FLOPs of the deployed models: the dropped blocks' share, 2 per multiply-add (5 tokens at 32 px;
+    # per block 5 x 40,960 multiply-adds in the linears + 2 heads x 2 x 5 x 5 x 32 in attention).
+    flops = {name: figures["flops"] for name, figures in record["results"]["measurements"].items()}
+    assert flops["full"] - flops["pruned"] == (6 - record["depth"]) * 2 * (5 * 40_960 + 2 * 2 * 5 * 5 * 32)
     for value in record["results"]["accuracy"].values():
         assert 0.0 <= value <= 1.0
     assert record["results"]["throughput"]["full"] > 0 and record["results"]["throughput"]["pruned"] > 0

@@ -80,7 +80,7 @@ def test_channels_last_changes_the_layout_not_the_outputs(tiny_images):
 def test_throughput_runs_under_the_runtime_it_is_given():
     full = tiny_lora_vit()
     dtypes = linear_output_dtypes(full)
-    rates = throughput({"full": full, "copy": copy.deepcopy(full)}, batch_size=2, img_size=32, warmup=1, iters=1,
+    rates = throughput({"full": full, "copy": copy.deepcopy(full)}, batch_size=2, img_size=32, min_time=0.01,
                        rounds=1, runtime=Runtime(amp=True, channels_last=True))  # fmt: skip
     assert set(rates) == {"full", "copy"} and all(rate > 0 for rate in rates.values())
     assert dtypes and set(dtypes) == {torch.bfloat16}
@@ -118,7 +118,7 @@ def test_train_predict_and_throughput_on_cuda_with_amp(tiny_images):
     runtime.place(model)
     got, _ = predict(model, loader_of(images, labels), progress=False, runtime=runtime)
     train(model, loader_of(images, labels, shuffle=True), epochs=1, lr=1e-2, progress=False, runtime=runtime)
-    rates = throughput({"full": model}, batch_size=4, img_size=32, warmup=1, iters=2, rounds=1, runtime=runtime)
+    rates = throughput({"full": model}, batch_size=4, img_size=32, min_time=0.01, rounds=1, runtime=runtime)
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, reference, atol=0.1, rtol=0.05)
     assert next(model.parameters()).device.type == "cuda" and rates["full"] > 0

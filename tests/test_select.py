@@ -12,7 +12,9 @@ from sklearn.manifold import TSNE
 from sklearn.preprocessing import MinMaxScaler
 
 from sls import DepthSelector, select_depth
+from sls.criteria import _CRITERIA, Criterion, register_criterion
 from sls.errors import ConfigError, ScoreError
+from sls.select import criterion_options, tsne_agreement
 
 
 def test_scores_match_an_independent_sklearn_computation():
@@ -44,7 +46,7 @@ def test_fit_sets_learned_state_and_is_reproducible():
 
 def test_selector_does_not_need_torch():
     code = "import sys, sls, sls.select, sls.criteria; sys.exit(int('torch' in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # The stop rule ------------------------------------------------------------------
@@ -145,8 +147,25 @@ def test_mismatched_shapes_and_labels():
     features, labels = blob_features([1.0, 2.0])
     with pytest.raises(ScoreError, match="block 1"):
         DepthSelector().fit([features[0][:-1], features[1]], labels)
-    with pytest.raises(ScoreError, match="integers"):
-        DepthSelector().fit(features, labels.astype(float))
+    with pytest.raises(ScoreError, match="Unknown label type 'continuous'"):
+        DepthSelector(criterion="silhouette").fit(features, labels + 0.5)
+    with pytest.raises(ScoreError, match="the target y is None"):
+        DepthSelector(criterion="silhouette").fit(features, None)
+    with pytest.raises(ScoreError, match="one per block, or one \\(n, d\\) array"):
+        DepthSelector(criterion="silhouette").fit(features[0][:, 0], labels)
+
+
+def test_any_discrete_labels_and_a_single_block_are_accepted():
+    features, labels = blob_features([0.5, 2.0])
+    expected = DepthSelector(criterion="silhouette").fit(features, labels).scores_
+    names = np.array(["cat", "dog", "eel"])[labels]
+    for same in (labels.astype(float), names, labels + 7):
+        np.testing.assert_array_equal(DepthSelector(criterion="silhouette").fit(features, same).scores_, expected)
+    np.testing.assert_array_equal(
+        DepthSelector(criterion="silhouette").fit(np.stack(features), labels).scores_, expected
+    )
+    single = DepthSelector(criterion="silhouette").fit(features[1], labels)  # a 2-D X is one block
+    assert single.n_blocks_ == 1 and single.scores_[0] == expected[1] and single.n_features_in_ == 16
 
 
 def test_unknown_criterion_and_backend():
@@ -160,4 +179,205 @@ def test_unknown_criterion_and_backend():
 def test_opentsne_backend_gives_the_same_ordering():
     features, labels = blob_features([0.0, 2.0])
     selector = DepthSelector(tsne="opentsne", n_jobs=1).fit(features, labels)
-    assert selector.scores_[0] < 0.1 < 0.5 < selector.scores_[1]
+    assert selector.scores_[0] < 0.1 and selector.scores_[1] > 0.5
+
+
+@pytest.mark.slow  # openTSNE's FFT grid (50 intervals) costs ~13 s per t-SNE here, whatever the size
+def test_opentsne_fft_backend_scores_in_range_and_is_deterministic():
+    from sls.criteria.silhouette import tsne_embedding
+
+    features, labels = blob_features([0.0, 2.0])
+    first = DepthSelector(tsne="opentsne-fft", random_state=3, n_jobs=1).fit(features, labels)
+    assert ((-1 <= first.scores_) & (first.scores_ <= 1)).all()
+    assert first.scores_[0] < 0.1 and first.scores_[1] > 0.5
+    assert first.embeddings_[1].min() == 0.0 and first.embeddings_[1].max() == 1.0
+    again = tsne_embedding(features[1], backend="opentsne-fft", random_state=3)
+    np.testing.assert_array_equal(again, first.embeddings_[1])
+
+
+# Several seeds: one set of scores behind T, k, the record and the plot -------------
+
+
+def test_with_several_seeds_threshold_and_k_are_the_rule_on_the_mean_scores():
+    per_seed = {0: [0.1, 0.31, 1.0], 1: [0.1, 0.31, 1.0], 2: [0.1, 0.0, 1.0]}  # k per seed: 2, 2, 3
+
+    @register_criterion
+    class Scripted(Criterion):
+        name = "test-scripted"
+        kind = "quality"
+        stochastic = True
+
+        def score(self, features, labels, *, block_input=None, random_state=0):
+            return np.array(per_seed[random_state])
+
+    try:
+        features, labels = blob_features([1.0] * 3)
+        selector = DepthSelector(criterion="test-scripted", n_seeds=3).fit(features, labels)
+    finally:
+        del _CRITERIA["test-scripted"]
+    np.testing.assert_allclose(selector.scores_, [0.1, 0.62 / 3, 1.0])
+    assert selector.depths_per_seed_ == [2, 2, 3]
+    # The most frequent per-seed k is 2, but the mean curve has block 2 under T = 0.3: k = 3.
+    decision = select_depth(selector.scores_, 0.3)
+    assert (
+        (selector.depth_, selector.threshold_, selector.reason_)
+        == (3, 0.3, "rule")
+        == (decision.depth, decision.threshold, decision.reason)
+    )
+    assert selector.margin_ == pytest.approx(decision.margin)
+    assert selector.decide(0.3) == decision
+    assert selector.decide(0.15).depth == select_depth(selector.scores_, 0.15).depth == 2
+
+
+def test_sls_over_seeds_threshold_and_k_follow_the_shown_scores():
+    features, labels = blob_features([0.0, 0.3, 1.0, 2.0])
+    selector = DepthSelector(n_seeds=3, n_jobs=1).fit(features, labels)
+    decision = select_depth(selector.scores_, selector.alpha)
+    assert (selector.depth_, selector.threshold_) == (decision.depth, decision.threshold)
+    assert selector.threshold_ == pytest.approx(0.3 * selector.scores_[-1])
+    assert selector.depths_per_seed_ == [select_depth(run, 0.3).depth for run in selector.scores_per_seed_]
+
+
+# A scikit-learn estimator ----------------------------------------------------------
+
+
+def test_get_params_clone_and_repr():
+    from sklearn.base import clone
+
+    selector = DepthSelector(alpha=0.25, tsne="opentsne-fft", n_seeds=3)
+    assert set(selector.get_params()) == {"alpha", "criterion", "tsne", "perplexity", "pca_dims", "random_state",
+                                          "n_seeds", "n_jobs", "progress"}  # fmt: skip
+    copy = clone(selector)
+    assert copy is not selector and copy.get_params() == selector.get_params()
+    assert repr(selector) == "DepthSelector(alpha=0.25, n_seeds=3, tsne='opentsne-fft')"
+    assert repr(DepthSelector()) == "DepthSelector()"
+    fitted = DepthSelector(criterion="silhouette").fit(*blob_features([0.0, 2.0]))
+    assert not hasattr(clone(fitted), "scores_")  # clone keeps the hyper-parameters only
+
+
+def test_set_params_then_fit():
+    features, labels = blob_features([0.0, 0.5, 2.0])
+    selector = DepthSelector(criterion="silhouette")
+    assert selector.set_params(alpha=0.9, criterion="cka") is selector
+    selector.fit(features, labels)
+    assert selector.kind_ == "quality" and selector.scores_[-1] == pytest.approx(1.0)  # CKA to the last block
+    assert selector.threshold_ == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="Invalid parameter 'nope'"):
+        selector.set_params(nope=1)
+
+
+def test_hyper_parameters_are_stored_untouched_and_validated_in_fit():
+    features, labels = blob_features([1.0])
+    selector = DepthSelector(alpha=-1, n_seeds=0, tsne="nope", n_jobs=0)  # no error before fit
+    assert selector.get_params()["alpha"] == -1 and selector.tsne == "nope"
+    for bad, match in [({"n_seeds": 0}, "n_seeds"), ({"n_jobs": 0}, "n_jobs"), ({"random_state": None}, "random_state"),
+                       ({"perplexity": 0.0}, "perplexity"), ({"pca_dims": 1}, "pca_dims")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            DepthSelector(**bad).fit(features, labels)
+
+
+def test_an_option_the_criterion_does_not_take_is_refused():
+    features, labels = blob_features([0.0, 1.0])
+    with pytest.raises(ConfigError, match="criterion 'cka' takes no option 'tsne' \\(got 'opentsne'\\)"):
+        DepthSelector(criterion="cka", tsne="opentsne").fit(features, labels)
+    with pytest.raises(ConfigError, match="takes no option 'perplexity'.*: sls"):
+        DepthSelector(criterion="probe", perplexity=10.0).fit(features, labels)
+    # Left at their defaults they are fine; execution settings go where they are taken.
+    DepthSelector(criterion="cka", tsne="sklearn", perplexity=30.0, n_jobs=2, progress=True).fit(features, labels)
+    assert criterion_options("sls") == {"tsne", "perplexity", "pca_dims", "n_jobs", "progress"}
+    assert criterion_options("probe") == {"n_jobs"} and criterion_options("cka") == set()
+
+
+def test_n_jobs_none_means_one_process_and_minus_one_every_core(monkeypatch):
+    import joblib
+
+    from sls.criteria import silhouette
+
+    asked = []
+
+    class Recording(joblib.Parallel):
+        def __init__(self, n_jobs=None, **kwargs):
+            asked.append(n_jobs)
+            super().__init__(n_jobs=1, **kwargs)
+
+    monkeypatch.setattr(joblib, "Parallel", Recording)
+    features, labels = blob_features([0.0] * 12)
+    criterion = silhouette.TSNESilhouette(perplexity=5.0)
+    monkeypatch.setattr(silhouette, "tsne_silhouette_block", lambda f, y, **options: (0.5, f[:, :2]))
+    criterion.score(features, labels)
+    silhouette.TSNESilhouette(n_jobs=-1).score(features, labels)
+    assert asked == [1, min(12, joblib.cpu_count())]
+
+
+# Every scikit-learn estimator check applies to DepthSelector once a 2-D X is one block
+# and its errors are ValueErrors (SLSError subclasses too). The exceptions, with reasons:
+# - at the default perplexity 30, t-SNE needs more than 90 samples and these checks fit
+#   10 to 80 (hence the sls configuration at perplexity 2 that passes them all);
+# - block-influence is not checked: its fit needs ``block_input`` (the pooled input of
+#   block 1), which scikit-learn's checks do not pass, so every check that fits fails.
+_PERPLEXITY_30_NEEDS_91_SAMPLES = "t-SNE at perplexity 30 needs more than 90 samples; the check fits 10 to 80"
+_SLS_DEFAULT_FAILS = {name: _PERPLEXITY_30_NEEDS_91_SAMPLES for name in (
+    "check_dict_unchanged", "check_dont_overwrite_parameters", "check_dtype_object", "check_estimators_dtypes",
+    "check_estimators_fit_returns_self", "check_estimators_nan_inf", "check_estimators_overwrite_params",
+    "check_estimators_pickle", "check_f_contiguous_array_estimator", "check_fit2d_1feature", "check_fit2d_predict1d",
+    "check_fit_idempotent", "check_fit_score_takes_y", "check_methods_sample_order_invariance",
+    "check_methods_subset_invariance", "check_n_features_in_after_fitting", "check_pipeline_consistency",
+    "check_readonly_memmap_input")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected_failures"),
+    [
+        (DepthSelector(n_jobs=1), _SLS_DEFAULT_FAILS),
+        (DepthSelector(perplexity=2.0, n_jobs=1), {}),
+        (DepthSelector(criterion="silhouette"), {}),
+        (DepthSelector(criterion="cka"), {}),
+        (DepthSelector(criterion="probe"), {}),
+        (DepthSelector(criterion="random", n_seeds=2), {}),
+    ],
+    ids=lambda value: repr(value) if isinstance(value, DepthSelector) else f"{len(value)}-expected-failures",
+)
+def test_scikit_learn_estimator_checks(selector, expected_failures):
+    import warnings
+
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the checks' random data gives non-positive top scores
+        results = check_estimator(selector, expected_failed_checks=expected_failures, on_fail=None, on_skip=None)
+    failed = {r["check_name"]: r["exception"] for r in results if r["status"] == "failed"}
+    assert not failed
+    # Each documented failure does fail, and for its documented reason.
+    xfailed = [r for r in results if r["status"] == "xfail"]
+    assert {r["check_name"] for r in xfailed} == set(expected_failures)
+    assert all("needs more than 90 samples" in str(r["exception"]) for r in xfailed)
+    skipped = {r["check_name"] for r in results if r["status"] == "skipped"}
+    assert skipped <= {"check_array_api_input"}  # needs SCIPY_ARRAY_API=1 and an array API library
+    assert len(results) > 40
+
+
+# Backend agreement (bench/tsne_agreement.py) ---------------------------------------
+
+
+def test_tsne_agreement_compares_every_backend_with_sklearns():
+    # opentsne-fft is left out for time (see its own slow test); the comparison is the same.
+    features, labels = blob_features([0.0, 2.0])
+    result = tsne_agreement(features, labels, backends=("sklearn", "opentsne"), alpha=0.3, n_jobs=1)
+    assert (result["reference"], result["alpha"], result["n_blocks"], result["n_samples"]) == ("sklearn", 0.3, 2, 120)
+    assert list(result["backends"]) == ["sklearn", "opentsne"]
+    reference = np.array(result["backends"]["sklearn"]["scores"])
+    np.testing.assert_array_equal(reference, DepthSelector(n_jobs=1).fit(features, labels).scores_)
+    other = np.array(result["backends"]["opentsne"]["scores"])
+    np.testing.assert_array_equal(other, DepthSelector(tsne="opentsne", n_jobs=1).fit(features, labels).scores_)
+    for row in result["backends"].values():
+        scores = np.array(row["scores"])
+        assert row["max_abs_diff"] == pytest.approx(np.abs(scores - reference).max())
+        assert (row["depth"], row["threshold"]) == (select_depth(scores, 0.3).depth,
+                                                    pytest.approx(0.3 * scores[-1]))  # fmt: skip
+        assert row["seconds"] > 0
+    assert result["backends"]["sklearn"]["max_abs_diff"] == 0.0 < result["backends"]["opentsne"]["max_abs_diff"]
+    # Noise, then well separated classes: both backends keep both blocks and agree within a few hundredths.
+    assert result["backends"]["sklearn"]["depth"] == result["backends"]["opentsne"]["depth"] == 2
+    assert result["backends"]["opentsne"]["max_abs_diff"] < 0.1
+    with pytest.raises(ConfigError, match="at least one"):
+        tsne_agreement(features, labels, backends=())

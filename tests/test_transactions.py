@@ -71,6 +71,9 @@ def outcome(folder: pathlib.Path) -> dict:
     for run_ in record["runs"]:
         run_.pop("seconds")
     record["results"].pop("throughput")
+    for figures in record["results"]["measurements"].values():  # FLOPs, parameters and peak memory stay
+        figures.pop("throughput")
+        figures.pop("latency_ms")
     record["config"].pop("out")
     names = sorted(p.name for p in folder.iterdir())
     for name in ("config.yaml", "training.png", "scores.csv", "scores.png"):

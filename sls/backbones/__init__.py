@@ -14,6 +14,11 @@ conversion), and loaded with its keys checked from ``load_state_dict``'s answer:
 the embedded model's converted checkpoint exactly like a user's ``--weights FILE``. A
 JAX ``.npz`` checkpoint (the original ``ViT-B_16.npz`` or a big_vision one) goes
 through timm's ViT loader ``model.load_pretrained``; see :func:`create_backbone`.
+
+A model may also be a Hugging Face hub repository, ``hf-hub:ORG/NAME[@REVISION]`` (or a
+local folder of the same files, ``local-dir:PATH``): timm reads the architecture and its
+arguments from the repository's ``config.json``, through huggingface_hub's cache, so a
+populated cache with ``HF_HUB_OFFLINE=1`` works without a network.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from tqdm.auto import tqdm
 
 from sls import distributed
 from sls.backbones import swin, vit
-from sls.errors import ConfigError, UnknownModelError
+from sls.errors import ConfigError, SLSError, UnknownModelError
 
 RANDOM_WEIGHTS = "random"
 """``weights`` value that builds the architecture with random weights, always the same
@@ -56,7 +61,9 @@ class BackboneInfo:
 
     Attributes:
         model: the name the user gave (an embedded name or a timm name).
-        timm_name: the timm architecture.
+        timm_name: the name given to ``timm.create_model``: the timm architecture, or
+            the ``hf-hub:`` / ``local-dir:`` name itself, whose config.json holds the
+            architecture and its arguments.
         weights: the weights file loaded, ``"random"``, or ``"timm"`` (timm's own source).
         fingerprint: sha256 of the backbone tensors (names, shapes, dtypes and values;
             the classifier head excluded), independent of the file format.
@@ -248,6 +255,98 @@ def _create_from_npz(timm_name: str, path: Path, kwargs: dict) -> nn.Module:
     return net
 
 
+def _model_source(model: str) -> str | None:
+    """timm's source of a model name: ``"hf-hub"`` or ``"local-dir"`` for a prefixed
+    name, None for a name of timm's registry.
+
+    Raises:
+        UnknownModelError: an unknown prefix, or a bare ``ORG/NAME`` (timm does not take
+            a hub repository without its ``hf-hub:`` prefix).
+    """
+    from timm.models import parse_model_name
+
+    if any(sep in model for sep in "/\\") and ":" not in model:
+        raise UnknownModelError(f"unknown model {model!r}: name a Hugging Face hub model 'hf-hub:{model}', "
+                                f"a local folder holding a timm config.json 'local-dir:{model}'")  # fmt: skip
+    try:
+        return parse_model_name(model)[0]
+    except (ValueError, AssertionError) as err:  # older timm asserts on an unknown prefix
+        raise UnknownModelError(f"unknown model {model!r}: {' '.join(str(err).split())}") from None
+
+
+def _source_failure(model: str, err: Exception, what: str) -> SLSError:
+    """One line saying why ``what`` (``config.json``, the weights) of an ``hf-hub:`` or
+    ``local-dir:`` model could not be read, and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo = model.partition(":")[2]
+    text = " ".join(str(err).split())[:200]
+    if model.lower().startswith("local-dir:"):
+        return UnknownModelError(f"could not read {what} of {model!r}: {type(err).__name__}: {text}")
+    if isinstance(err, HFValidationError):
+        return UnknownModelError(f"unknown model {model!r}: {repo!r} is not a Hugging Face repository id "
+                                 "(ORG/NAME, optionally @REVISION)")  # fmt: skip
+    if isinstance(err, GatedRepoError):
+        return UnknownModelError(f"{repo} on the Hugging Face hub is gated: accept its terms on huggingface.co and "
+                                 "log in (`hf auth login`, or set HF_TOKEN)")  # fmt: skip
+    if isinstance(err, RepositoryNotFoundError):
+        return UnknownModelError(f"unknown model {model!r}: the Hugging Face hub has no repository {repo} (a private "
+                                 "one needs `hf auth login` or HF_TOKEN)")  # fmt: skip
+    if isinstance(err, RevisionNotFoundError):
+        return UnknownModelError(f"unknown model {model!r}: {repo.partition('@')[0]} has no revision "
+                                 f"{repo.partition('@')[2]!r} on the Hugging Face hub")  # fmt: skip
+    # A LocalEntryNotFoundError is the answer both offline (HF_HUB_OFFLINE=1) and when the
+    # hub cannot be reached: the file is not in the cache either.
+    if isinstance(err, (LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+        reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hugging Face hub could not be reached"
+        instead = ("name its timm architecture with --weights FILE" if what == "config.json"
+                   else "pass a local weights file with --weights FILE")  # fmt: skip
+        return UnknownModelError(
+            f"could not load {model!r}: {reason} and its {what} is not in the huggingface cache "
+            f"{constants.HF_HUB_CACHE}; to work offline, fill that cache once online (or point HF_HUB_CACHE or "
+            f"HF_HOME at a populated one) and set HF_HUB_OFFLINE=1, or {instead}"
+        )
+    if isinstance(err, EntryNotFoundError):
+        return UnknownModelError(f"unknown model {model!r}: {repo} has no {what} on the Hugging Face hub; "
+                                 "it is not a timm model repository")  # fmt: skip
+    if isinstance(err, HfHubHTTPError):
+        return UnknownModelError(f"could not load {model!r}: the Hugging Face hub answered: {text}")
+    if isinstance(err, (KeyError, TypeError, ValueError)):  # a config.json that is not timm's, a bad repo id
+        return UnknownModelError(f"could not load {model!r}: its {what} is not a timm model's "
+                                 f"({type(err).__name__}: {text})")  # fmt: skip
+    return UnknownModelError(f"could not load {what} of {model!r}: {type(err).__name__}: {text}")
+
+
+def _source_config(model: str) -> tuple[dict, str, dict]:
+    """The pretrained config, architecture and architecture arguments timm reads from
+    the config.json of an ``hf-hub:`` model (through huggingface_hub's cache) or a
+    ``local-dir:`` folder; a one-line UnknownModelError when it cannot."""
+    import timm
+    from timm.models import _hub, parse_model_name
+
+    source, location = parse_model_name(model)
+    try:
+        if source == "hf-hub":
+            pretrained_cfg, architecture, model_args = _hub.load_model_config_from_hf(location)
+        else:
+            pretrained_cfg, architecture, model_args = _hub.load_model_config_from_path(location)
+    except Exception as err:  # huggingface_hub's and json's many types; sorted out in one line
+        raise _source_failure(model, err, "config.json") from None
+    if not timm.is_model(architecture):
+        raise UnknownModelError(f"{model!r} names the architecture {architecture!r}, which timm {timm.__version__} "
+                                "does not know; upgrade timm")  # fmt: skip
+    return pretrained_cfg, architecture, model_args
+
+
 def create_backbone(
     model: str,
     *,
@@ -260,14 +359,18 @@ def create_backbone(
     """Build a timm model with a fresh ``num_classes`` head.
 
     Args:
-        model: an embedded name (``embedded-dinov2-s``) or any timm model name.
+        model: an embedded name (``embedded-dinov2-s``), any timm model name, or a
+            timm repository on the Hugging Face hub, ``hf-hub:ORG/NAME[@REVISION]``
+            (``local-dir:PATH`` for a folder of the same files), whose config.json
+            names the architecture and its arguments.
         num_classes: classes of the new head.
         weights: a local weights file loaded by timm: a ``.safetensors`` or ``.pth``
             state dict (``torch.load`` with ``weights_only``), or for ViT models a JAX
             ``.npz`` checkpoint (the original ``ViT-B_16.npz`` layout or big_vision's;
             every backbone tensor must come from the file); ``"random"`` for random
             weights; ``None`` for the embedded model's converted checkpoint, or timm's
-            own pretrained source for timm names.
+            own pretrained source for timm names (the repository's weights for
+            ``hf-hub:`` names, through huggingface_hub's cache).
         img_size: input side; timm resamples the position embeddings.
         drop_path_rate: stochastic depth while training.
         model_kwargs: further ``timm.create_model`` architecture arguments (``depth``,
@@ -276,22 +379,31 @@ def create_backbone(
 
     Returns:
         the model and the :class:`BackboneInfo` to record.
+
+    Raises:
+        UnknownModelError: an unknown name, or an ``hf-hub:`` repository (or its weights)
+            neither in huggingface_hub's cache nor reachable; the message says how to
+            work offline.
     """
     import timm
 
     from sls.backbones.embedded import EMBEDDED_MODELS, embedded_weights
 
+    sourced = model not in EMBEDDED_MODELS and _model_source(model) is not None
     if model in EMBEDDED_MODELS:
         timm_name = EMBEDDED_MODELS[model].timm_name
         if weights is None:
             weights = embedded_weights(model)
+    elif sourced:
+        _source_config(model)  # read now, so that a missing or unreachable config.json is one line
+        timm_name = model
     elif timm.is_model(model):
         timm_name = model
     else:
         known = ", ".join(EMBEDDED_MODELS)
         raise UnknownModelError(
             f"unknown model {model!r}: not an embedded model ({known}) nor a timm model name "
-            "(see timm.list_models())"
+            "(see timm.list_models()) nor hf-hub:ORG/NAME"
         )
     model_kwargs = dict(model_kwargs or {})
     reserved = sorted(set(model_kwargs) & {"num_classes", "img_size", "drop_path_rate", "pretrained",
@@ -314,6 +426,14 @@ def create_backbone(
                 net = timm.create_model(timm_name, pretrained=False, **(kwargs | {"num_classes": 0}))
                 net.reset_classifier(num_classes)
             source = RANDOM_WEIGHTS
+        elif weights is None and sourced:
+            # timm reads the repository's weights itself (safetensors first, through
+            # huggingface_hub's cache); its config was read above, so what fails here is them.
+            try:
+                net = timm.create_model(timm_name, pretrained=True, **kwargs)
+            except (OSError, RuntimeError) as err:
+                raise _source_failure(model, err, "weights file") from None
+            source = "timm"
         elif weights is None:
             try:
                 net = timm.create_model(timm_name, pretrained=True, **kwargs)
@@ -432,12 +552,27 @@ def block_features(
 
 
 def pretrained_input_size(model: str) -> int:
-    """The input side of an embedded or timm model's pretrained config (224 when it has none)."""
+    """The input side of an embedded, timm or ``hf-hub:`` model's pretrained config (224
+    when it has none).
+
+    Raises:
+        UnknownModelError: an ``hf-hub:`` / ``local-dir:`` model whose config.json cannot be read.
+    """
     import timm
 
     from sls.backbones.embedded import EMBEDDED_MODELS
 
-    name = EMBEDDED_MODELS[model].timm_name if model in EMBEDDED_MODELS else model
+    if model in EMBEDDED_MODELS:
+        name = EMBEDDED_MODELS[model].timm_name
+    else:
+        try:
+            sourced = _model_source(model) is not None
+        except UnknownModelError:  # create_backbone says so in one line
+            return 224
+        if sourced:  # timm's own default, where the repository's config has no input size
+            input_size = _source_config(model)[0].get("input_size")
+            return int(input_size[-1]) if input_size else 224
+        name = model
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # an unknown name: create_backbone says so in one line

@@ -11,16 +11,23 @@ applied to every group of coupled channels:
 - each block's MLP hidden units.
 
 Channels are ranked by first-order Taylor importance (|weight * gradient|, summed over
-a group) from the cross-entropy gradients of a few batches.
+a group) from the cross-entropy gradients of a few batches (the paper's), or by weight
+magnitude. Every kept width (the residual, each head's dims, the MLP hidden units) is
+by default the multiple of 8 nearest to ``width * (1 - ratio)`` (tensor-core-friendly
+widths; fused attention kernels such as FlashAttention's may still pad a head dim up to
+their next supported size). torch-pruning's own ``round_to`` rounds a head's dims down
+against the layer's whole width; here each group is given the ratio that keeps exactly
+the rounded count, by design.
 
 PETL modules:
 
 - LoRA is merged into its base linear first (``W + (alpha / r) B A``) and the peft layer
-  replaced by that linear, so the model pruned is a plain timm ViT. This is exact, lets
-  torch-pruning trace the model like any other, and loses nothing worth keeping: a
-  DepGraph task stores its whole pruned backbone anyway (its widths differ from the
-  shared backbone's), so a separate low-rank update saves no storage. To retrain with
-  LoRA, apply it again to the pruned model.
+  replaced by that linear, so the model pruned is a plain timm ViT. This is exact and
+  lets torch-pruning trace the model like any other. Stored whole, the pruned backbone
+  holds the update; over a frozen shared backbone the same model is the kept channels'
+  indices (``return_kept``) plus the LoRA factors sliced to them (W[kept] + B[kept] A[:,
+  kept] is the pruned merged weight), so storage accountings count that LoRA. To
+  retrain with LoRA, apply it again to the pruned model.
 - The adapter keeps its bottleneck width: its ``down`` layer is an ignored layer, so
   the group of its outputs is never pruned. Its inputs (``down``) and outputs (``up``)
   lie on the residual stream and are pruned with it, so every width stays consistent.
@@ -142,16 +149,53 @@ def _finish_attention(attn: nn.Module, num_heads: int, head_dim_before: int) -> 
             attn.qkv.bias[: attn.attn_dim] *= factor
 
 
+IMPORTANCES = ("taylor", "magnitude")
+ROUND_TO = 8
+"""Default width multiple: every kept width (residual, head dim, MLP hidden) is a
+multiple of 8, the sizes fused attention kernels and tensor cores are built for."""
+
+
+def _kept(total: int, ratio: float, round_to: int | None) -> int:
+    """Channels a group of ``total`` keeps at ``ratio``: torch-pruning's own count, or
+    with ``round_to`` the nearest multiple of it (at least one multiple, at most ``total``)."""
+    if not round_to:
+        return int(total * (1 - ratio))
+    if ratio == 0:  # nothing to remove: a width that is not a multiple stays whole
+        return total
+    return min(total, max(round_to, round(total * (1 - ratio) / round_to) * round_to))
+
+
+def _ratio_keeping(total: int, kept: int) -> float:
+    # torch-pruning keeps int(total * (1 - ratio)) channels; half a channel of slack
+    # makes the float product land on ``kept`` whatever its rounding.
+    return max(0.0, (total - kept - 0.5) / total)
+
+
+def _group_ratios(model: nn.Module, ratio: float, round_to: int | None) -> tuple[float, dict]:
+    """The residual ratio and per-layer ratios (head dims at each ``qkv``, MLP hidden at
+    each ``fc1``) that keep :func:`_kept` channels in every group."""
+    width = model.patch_embed.proj.out_channels
+    residual = _ratio_keeping(width, _kept(width, ratio, round_to))
+    per_layer = {}
+    for block in vit.blocks(model):
+        attn, fc1 = block.attn, block.mlp.fc1
+        per_layer[attn.qkv] = _ratio_keeping(attn.head_dim, _kept(attn.head_dim, ratio, round_to))
+        per_layer[fc1] = _ratio_keeping(fc1.out_features, _kept(fc1.out_features, ratio, round_to))
+    return residual, per_layer
+
+
 def _prune(
     model: nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     ratio: float,
     round_to: int | None,
-    taylor: bool,
-) -> nn.Module:
-    """Prune a merged copy of ``model``; ``taylor=False`` ranks by weight magnitude
-    instead (same widths, no backward pass)."""
+    importance: str,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Prune a merged copy of ``model``; returns it and, per pruned group, the indices
+    of the channels it kept (named by the group's root layer)."""
+    if importance not in IMPORTANCES:
+        raise ConfigError(f"unknown DepGraph importance {importance!r}; choose one of: {', '.join(IMPORTANCES)}")
     tp = _torch_pruning()
     pruned = merge_for_inference(model)
     _check_supported(pruned)
@@ -159,16 +203,19 @@ def _prune(
     device = next(pruned.parameters()).device
     attentions = _attentions(pruned)
     head_dims = [attn.head_dim for attn in attentions]
+    names = {module: name for name, module in pruned.named_modules()}
     # torch-pruning traces the graph through autograd: every parameter must require grad.
     for param in pruned.parameters():
         param.requires_grad_(True)
-    importance = tp.importance.GroupTaylorImportance() if taylor else tp.importance.GroupMagnitudeImportance()
+    taylor = importance == "taylor"
+    residual_ratio, per_layer = _group_ratios(pruned, ratio, round_to)
     pruner = tp.pruner.MetaPruner(
         pruned,
         batches[0][0][:1].to(device),
-        importance=importance,
-        pruning_ratio=ratio,
-        round_to=round_to,
+        importance=tp.importance.GroupTaylorImportance() if taylor else tp.importance.GroupMagnitudeImportance(),
+        pruning_ratio=residual_ratio,
+        pruning_ratio_dict=per_layer,
+        round_to=None,  # the widths are rounded by the ratios above, to the nearest multiple
         ignored_layers=_ignored_layers(pruned),
         num_heads={attn.qkv: attn.num_heads for attn in attentions},
         prune_head_dims=True,
@@ -179,7 +226,18 @@ def _prune(
         pruned.zero_grad(set_to_none=True)
         for images, targets in batches:
             F.cross_entropy(pruned(images.to(device)), targets.to(device)).backward()
-    pruner.step()
+    kept: dict[str, torch.Tensor] = {}
+    for group in pruner.step(interactive=True):
+        dep, removed = group[0]
+        removed = [int(getattr(index, "idx", index)) for index in removed]  # torch-pruning's _HybridIndex
+        root = dep.target.module
+        channels = (root.out_channels if isinstance(root, nn.Conv2d) else root.out_features) \
+            if pruner.DG.is_out_channel_pruning_fn(dep.handler) else getattr(root, "in_features", None)
+        if channels is not None:
+            mask = torch.ones(channels, dtype=torch.bool)
+            mask[torch.as_tensor(removed, dtype=torch.long)] = False
+            kept[names.get(root, type(root).__name__)] = mask.nonzero().view(-1).to(torch.int32)
+        group.prune()
     for attn, head_dim_before in zip(attentions, head_dims):
         _finish_attention(attn, pruner.num_heads[attn.qkv], head_dim_before)
     width = pruned.patch_embed.proj.out_channels
@@ -187,7 +245,7 @@ def _prune(
     for name, param in pruned.named_parameters():
         param.grad = None
         param.requires_grad_(trainable[name])
-    return pruned.eval()
+    return pruned.eval(), kept
 
 
 def depgraph_prune(
@@ -196,8 +254,10 @@ def depgraph_prune(
     *,
     ratio: float,
     n_batches: int = 4,
-    round_to: int | None = None,
-) -> nn.Module:
+    round_to: int | None = ROUND_TO,
+    importance: str = "taylor",
+    return_kept: bool = False,
+):
     """A copy of ``model`` with a fraction ``ratio`` of its channels removed by DepGraph.
 
     Args:
@@ -208,15 +268,31 @@ def depgraph_prune(
             Layers lose inputs and outputs, so the parameters drop by about
             ``1 - (1 - ratio)**2``.
         n_batches: batches for the importance.
-        round_to: keep a multiple of this many channels per group (None: any).
+        round_to: every kept width (residual, each head's dims, MLP hidden) is the
+            multiple of this nearest to ``width * (1 - ratio)`` (8 by default: GPU
+            kernels want such widths); None keeps torch-pruning's exact count.
+        importance: ``"taylor"`` (first-order Taylor, |w * grad|, the paper's) or
+            ``"magnitude"`` (|w|, no gradient).
+        return_kept: also return the kept channels' indices per pruned group.
 
     Returns:
         the pruned model in eval mode, LoRA merged in (a plain timm ViT), adapters
         and the head in place. Parameters keep the trainable flags they had in
-        ``model``; merged LoRA is frozen with its base layer.
+        ``model``; merged LoRA is frozen with its base layer. With ``return_kept``,
+        ``(model, {root layer name: int32 indices of the kept channels})``: with the
+        shared backbone, all a task needs to rebuild the pruned backbone.
     """
     _check_ratio(ratio)
-    return _prune(model, _first_batches(example_loader, n_batches), ratio=ratio, round_to=round_to, taylor=True)
+    pruned, kept = _prune(model, _first_batches(example_loader, n_batches), ratio=ratio, round_to=round_to,
+                          importance=importance)  # fmt: skip
+    return (pruned, kept) if return_kept else pruned
+
+
+def kept_indices_bytes(kept: dict[str, torch.Tensor]) -> int:
+    """Bytes of :func:`depgraph_prune`'s kept-channel indices written as one safetensors file."""
+    from safetensors.torch import save
+
+    return len(save({name: indices.contiguous() for name, indices in kept.items()}))
 
 
 def _count(model: nn.Module) -> int:
@@ -228,15 +304,15 @@ def ratio_for_parameter_reduction(
     example_loader: DataLoader,
     target_removed_params: int,
     *,
-    round_to: int | None = None,
+    round_to: int | None = ROUND_TO,
     steps: int = 10,
 ) -> float:
     """The ratio at which :func:`depgraph_prune` removes about ``target_removed_params``.
 
     Bisection over the ratio in [0, MAX_RATIO] for ``steps`` halvings. The parameters
-    removed grow in steps of one channel per group, so the answer lies within one such
-    step of the target (about ``2 / width`` of the model's parameters for a model
-    ``width`` channels wide), once ``steps`` resolves a channel. The widths at a ratio
+    removed grow in steps of one rounding multiple (8 channels by default; one channel
+    with ``round_to=None``) per group, so the answer lies within one such step of the
+    target, once ``steps`` resolves a step. The widths at a ratio
     do not depend on which channels rank lowest, so the search ranks by weight
     magnitude: no gradients, and one batch of the loader only traces the model.
 
@@ -252,7 +328,7 @@ def ratio_for_parameter_reduction(
     total = _count(model)
 
     def removed(ratio: float) -> int:
-        return total - _count(_prune(model, batches, ratio=ratio, round_to=round_to, taylor=False))
+        return total - _count(_prune(model, batches, ratio=ratio, round_to=round_to, importance="magnitude")[0])
 
     low, high = 0.0, MAX_RATIO
     removed_low, removed_high = removed(low), removed(high)

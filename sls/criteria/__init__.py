@@ -81,19 +81,31 @@ def list_criteria() -> list[str]:
 
 
 def check_features(features: list[np.ndarray], labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """Validate per-block features and labels; return them as float64 / int64 arrays.
+    """Validate per-block features and labels; return them as float64 arrays and the
+    labels as class indices 0..C-1 (int64).
+
+    Labels may be any discrete class labels (integers, integral floats, strings);
+    continuous values are refused.
 
     Raises:
         ScoreError: with a message naming the block or the field at fault.
     """
+    from sklearn.utils.multiclass import type_of_target
+
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ScoreError(f"labels must be a 1-D array, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ScoreError(f"labels must be integers, got dtype {labels.dtype}")
+    if np.iscomplexobj(labels) or any(np.iscomplexobj(feats) for feats in features):
+        raise ScoreError("Complex data not supported: features and labels must be real")
     if len(features) == 0:
         raise ScoreError("no blocks to score: the feature list is empty")
-    n_classes = len(np.unique(labels))
+    if labels.size:
+        target = type_of_target(labels)
+        if target not in ("binary", "multiclass"):
+            raise ScoreError(f"Unknown label type {target!r}: labels must be discrete class labels (integers or "
+                             "strings), one per sample")  # fmt: skip
+    _, labels = np.unique(labels, return_inverse=True)
+    n_classes = int(labels.max()) + 1 if labels.size else 0
     if n_classes < 2:
         raise ScoreError(
             f"the labels hold {n_classes} class(es); scoring separability needs at least 2"
@@ -109,6 +121,8 @@ def check_features(features: list[np.ndarray], labels: np.ndarray) -> tuple[list
             raise ScoreError(
                 f"block {block}: features must be (n_samples={len(labels)}, dim), got {feats.shape}"
             )
+        if feats.shape[1] == 0:
+            raise ScoreError(f"block {block}: 0 feature(s) (shape={feats.shape}) while a minimum of 1 is required.")
         if not np.isfinite(feats).all():
             raise ScoreError(
                 f"block {block}: features hold NaN or infinite values; check the model and inputs"

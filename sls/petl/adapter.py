@@ -6,7 +6,9 @@ up``, scales the result by s = 0.1 and adds it beside the MLP branch: outside th
 MLP's drop-path (and, on LayerScale models such as DINOv2, outside its LayerScale).
 Its video recipe uses a 64-wide bottleneck, dropout 0.1 and the "lora" init (``down``
 Kaiming-uniform, ``up`` and both biases zero, so the adapted model starts equal to the
-backbone). Those are the defaults here (``placement="parallel"``).
+backbone). Those are the defaults here (``placement="parallel"``), as the authors'
+released code runs them (``adapter_layernorm_option="none"``: no norm of its own before
+``down``; the paper's equation writes a LayerNorm there).
 
 ``placement="mlp"`` is the variant sls shipped before (records that predate the option
 load as it): the bottleneck reads the MLP's normalised input and its output joins the
