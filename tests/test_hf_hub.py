@@ -177,3 +177,10 @@ def test_cli_refuses_an_uncached_hub_model_in_one_line(hub, tmp_path):
     assert err.startswith("sls: error: could not load 'hf-hub:sls-test/absent'") and "\n" not in err
     assert f"not in the huggingface cache {hub.cache}" in err and "HF_HUB_OFFLINE=1" in err
     assert not out.exists()
+
+
+def test_the_default_output_folder_of_a_hub_name_is_one_folder():
+    from sls.config import RunConfig, default_out_dir
+
+    out = default_out_dir(RunConfig(model="hf-hub:org/name", data="digits"))
+    assert out.parent.name == "runs" and out.name.startswith("digits-hf-hub_org_name-lora-")

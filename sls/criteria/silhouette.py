@@ -116,59 +116,21 @@ def tsne_embedding(
             angle=0.5,
             n_jobs=1,
         ).fit_transform(features)
-    elif backend == "opentsne":
+    else:
         from openTSNE import TSNE as OpenTSNE
 
-        embedding = OpenTSNE(
-            n_components=2,
-            perplexity=perplexity,
-            learning_rate="auto",
-            early_exaggeration_iter=250,
-            early_exaggeration=12.0,
-            n_iter=500,
-            exaggeration=None,
-            theta=0.5,
-            negative_gradient_method="bh",
-            initialization="pca",
-            metric="euclidean",
-            neighbors="exact",
-            n_jobs=1,
-            random_state=random_state,
-            verbose=False,
-        ).fit(features)
-    else:  # "opentsne-fft": openTSNE's fast setting
-        from openTSNE import TSNE as OpenTSNE
-
-        embedding = OpenTSNE(
-            n_components=2,
-            perplexity=perplexity,
-            learning_rate="auto",
-            early_exaggeration_iter=250,
-            early_exaggeration=12.0,
-            n_iter=500,
-            exaggeration=None,
-            dof=1,
-            theta=0.5,  # Barnes-Hut only: unused with FFT gradients
-            n_interpolation_points=3,
-            min_num_intervals=50,
-            ints_in_interval=1,
-            initialization="pca",
-            metric="euclidean",
-            metric_params=None,
-            initial_momentum=0.8,
-            final_momentum=0.8,
-            max_grad_norm=None,
-            max_step_norm=5,
-            n_jobs=1,
-            # Annoy at every n ("auto" would switch to exact neighbours under 1000 points).
-            neighbors="annoy",
-            knn_kwargs={"n_trees": 50},
-            negative_gradient_method="fft",
-            callbacks=None,
-            callbacks_every_iters=50,
-            random_state=random_state,
-            verbose=False,
-        ).fit(features)
+        shared = dict(n_components=2, perplexity=perplexity, learning_rate="auto", early_exaggeration_iter=250,
+                      early_exaggeration=12.0, n_iter=500, exaggeration=None, theta=0.5, initialization="pca",
+                      metric="euclidean", n_jobs=1, random_state=random_state, verbose=False)  # fmt: skip
+        if backend == "opentsne":  # Barnes-Hut gradients, exact neighbours (what earlier records name)
+            options = dict(negative_gradient_method="bh", neighbors="exact")
+        else:  # "opentsne-fft": openTSNE's fast setting (theta is Barnes-Hut's, unused here)
+            options = dict(dof=1, n_interpolation_points=3, min_num_intervals=50, ints_in_interval=1,
+                           metric_params=None, initial_momentum=0.8, final_momentum=0.8, max_grad_norm=None,
+                           max_step_norm=5, callbacks=None, callbacks_every_iters=50, negative_gradient_method="fft",
+                           # Annoy at every n ("auto" would switch to exact neighbours under 1000 points).
+                           neighbors="annoy", knn_kwargs={"n_trees": 50})  # fmt: skip
+        embedding = OpenTSNE(**shared, **options).fit(features)
     return min_max_scale(np.asarray(embedding, dtype=np.float64))
 
 
