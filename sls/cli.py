@@ -343,7 +343,9 @@ def _compare(args: argparse.Namespace) -> int:
                       f"{row['throughput']:.1f}", f"{row['speedup']:.2f}x", f"{row['speedup_batch1']:.2f}x",
                       f"{row['latency_p50_ms']:.1f}", f"{row['gflops']:.2f}", f"{row['parameters'] / 1e6:.3f} M",
                       _size(row["storage_bytes"]), _size(row["storage_bytes_indices"]))  # fmt: skip
-    Console().print(table)
+    console = Console()
+    # Eleven columns: written to a file or a pipe (80 columns by default), keep them readable.
+    (console if console.is_terminal else Console(width=170)).print(table)
     params, speed = summary["equal_parameters"], summary["equal_throughput"]
     print(f"storage per task, DepGraph at equal parameters / SLS: {summary['storage_ratio_depgraph_over_sls']:.1f}x "
           f"storing its pruned backbone (as its users do); "

@@ -45,7 +45,7 @@ its whole pruned model (widths differ from the shared backbone's), as a
 shared, a DepGraph task could instead keep the indices of its kept channels (int32)
 + its PETL tensors (sized for the pruned widths; a folded method's fine-tuned update
 sliced to the kept channels too, once the model is retrained with a fresh one on top)
-+ head + the record, about as little as SLS; SLS's rows are the same in both.
++ head + the record: a few times SLS's bytes, not the backbone's; SLS's rows are the same in both.
 """
 
 from __future__ import annotations

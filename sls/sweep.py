@@ -319,7 +319,8 @@ def _one_line(row: dict) -> str:
 def _task_row(task: SweepTask, record: dict | None, status: str = "done", error: str = "") -> dict:
     row = {"level": "task", "method": task.method, "group": task.group, "task": task.name, "status": status,
            "tasks": 1, "full_accuracy": None, "pruned_accuracy": None, "pruned_no_retrain": None, "depth": None,
-           "blocks": None, "speedup": None, "storage_bytes": None, "error": error}  # fmt: skip
+           "blocks": None, "speedup": None, "speedup_batch1": None, "flops_ratio": None, "storage_bytes": None,
+           "error": error}  # fmt: skip
     if record is None:
         return row
     results = record.get("results", {})
@@ -335,6 +336,12 @@ def _task_row(task: SweepTask, record: dict | None, status: str = "done", error:
         "speedup": speed["pruned"] / speed["full"] if speed.get("full") else None,
         "storage_bytes": results.get("storage_bytes", {}).get("task"),
     })  # fmt: skip
+    figures = results.get("measurements")  # sls.bench.measure's, in records evaluated since it exists
+    if figures:
+        full, pruned = figures["full"], figures["pruned"]
+        row["flops_ratio"] = full["flops"] / pruned["flops"]
+        if "1" in full["throughput"]:
+            row["speedup_batch1"] = pruned["throughput"]["1"] / full["throughput"]["1"]
     return row
 
 
@@ -347,7 +354,8 @@ def _group_row(method: str, group: str, rows: list[dict], level: str = "group") 
     done = [r for r in rows if r["status"] == "done"]
     row = {"level": level, "method": method, "group": group, "task": "", "status": f"{len(done)}/{len(rows)} done",
            "tasks": len(rows), "blocks": _mean([r["blocks"] for r in done]), "error": ""}  # fmt: skip
-    for key in ("full_accuracy", "pruned_accuracy", "pruned_no_retrain", "depth", "speedup", "storage_bytes"):
+    for key in ("full_accuracy", "pruned_accuracy", "pruned_no_retrain", "depth", "speedup", "speedup_batch1",
+                "flops_ratio", "storage_bytes"):  # fmt: skip
         row[key] = _mean([r[key] for r in done])
     return row
 
@@ -382,7 +390,8 @@ def summary_rows(sweep: Sweep, failed: dict[str, str] | None = None) -> list[dic
         if len(vtab) > 1:
             overall = {k: _mean([r[k] for r in vtab]) for k in ("full_accuracy", "pruned_accuracy",
                                                                  "pruned_no_retrain", "depth", "speedup",
-                                                                 "storage_bytes", "blocks")}  # fmt: skip
+                                                                 "speedup_batch1", "flops_ratio", "storage_bytes",
+                                                                 "blocks")}  # fmt: skip
             members = [r for r in rows if r["method"] == method and r["group"] in GROUPS]
             done = sum(r["status"] == "done" for r in members)
             summary.append({"level": "mean of groups", "method": method, "group": "+".join(r["group"] for r in vtab),
@@ -392,7 +401,8 @@ def summary_rows(sweep: Sweep, failed: dict[str, str] | None = None) -> list[dic
 
 
 CSV_COLUMNS = ("level", "method", "group", "task", "status", "tasks", "full_accuracy", "pruned_accuracy",
-               "pruned_no_retrain", "depth", "blocks", "speedup", "storage_bytes", "error")  # fmt: skip
+               "pruned_no_retrain", "depth", "blocks", "speedup", "speedup_batch1", "flops_ratio", "storage_bytes",
+               "error")  # fmt: skip
 
 
 def _percent(value) -> str:
@@ -421,25 +431,26 @@ def summary_markdown(sweep: Sweep, rows: list[dict]) -> str:
     lines = [f"# Sweep summary: {sweep.source.name}", "",
              f"{counts['done']} of {len(tasks)} tasks done, {counts['failed']} failed, "
              f"{len(tasks) - counts['done'] - counts['failed']} pending. Pruned accuracy is after retraining "
-             "when the task retrains. Speed-up: the task's throughput, pruned over full, measured in one run. "
+             "when the task retrains. Speed-up: the task's throughput at its throughput batch (batch 1 in the CSV), "
+             "pruned over full, measured in one run; FLOPs cut: full over pruned FLOPs per image. "
              "Storage: the task's tensors (PETL of the kept blocks + head).", "",
              "## Per group", "",
-             "| method | group | tasks | full accuracy | pruned accuracy | mean k | speed-up | storage |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| method | group | tasks | full accuracy | pruned accuracy | mean k | speed-up | FLOPs cut | storage |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["level"] != "task":
             label = f"**{r['group']}** (mean of groups)" if r["level"] == "mean of groups" else r["group"]
             lines.append(f"| {r['method']} | {label} | {r['status']} | {_percent(r['full_accuracy'])} | "
                          f"{_percent(r['pruned_accuracy'])} | {_depth(r)} | {_times(r['speedup'])} | "
-                         f"{_size(r['storage_bytes'])} |")  # fmt: skip
+                         f"{_times(r['flops_ratio'])} | {_size(r['storage_bytes'])} |")  # fmt: skip
     lines += ["", "## Per task", "",
-              "| task | group | method | status | full accuracy | pruned accuracy | k / N | speed-up | storage |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| task | group | method | status | full accuracy | pruned accuracy | k / N | speed-up | FLOPs cut | storage |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in tasks:
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}".replace("|", "/")
         lines.append(f"| {r['task']} | {r['group']} | {r['method']} | {status} | {_percent(r['full_accuracy'])} | "
                      f"{_percent(r['pruned_accuracy'])} | {_depth(r)} | {_times(r['speedup'])} | "
-                     f"{_size(r['storage_bytes'])} |")  # fmt: skip
+                     f"{_times(r['flops_ratio'])} | {_size(r['storage_bytes'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -148,7 +148,7 @@ def test_summary_means_per_task_group_and_over_groups(tmp_path, monkeypatch):
     assert float(written[0]["speedup"]) == 2.0 and written[0]["task"] == "cifar"
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "4 of 5 tasks done, 1 failed" in markdown
-    assert "| cifar | natural | lora | done | 90.0% | 80.0% | 6/12 | 2.00x | 1.0 kB |" in markdown
+    assert "| cifar | natural | lora | done | 90.0% | 80.0% | 6/12 | 2.00x | - | 1.0 kB |" in markdown
     assert "failed: missing: no such data" in markdown
     assert (tmp_path / "out" / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -197,6 +197,10 @@ tasks:
     assert float(row["full_accuracy"]) == record["results"]["accuracy"]["full"]
     throughput = record["results"]["throughput"]
     assert float(row["speedup"]) == pytest.approx(throughput["pruned"] / throughput["full"])
+    figures = record["results"]["measurements"]
+    assert float(row["flops_ratio"]) == pytest.approx(figures["full"]["flops"] / figures["pruned"]["flops"])
+    assert float(row["speedup_batch1"]) == pytest.approx(
+        figures["pruned"]["throughput"]["1"] / figures["full"]["throughput"]["1"])
     assert int(row["storage_bytes"]) == record["results"]["storage_bytes"]["task"]
     # Run again: the finished task is skipped, the broken one fails again.
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
