@@ -20,7 +20,7 @@ from torch import nn
 from sls import distributed
 from sls._rng import seeded
 from sls.backbones import truncate
-from sls.bench import throughput
+from sls.bench import flops, throughput
 from sls.errors import ConfigError
 from sls.experiment import Experiment
 from sls.features import cached_block_features, feature_key_parts
@@ -178,9 +178,11 @@ def budget_search(exp: Experiment, start: int) -> dict:
     models = {str(d): deployable_model(exp.model if d == n_blocks else prune(exp, d)) for d in depths}
     rates = distributed.run_on_main(throughput, models, batch_size=cfg.throughput_batch,
                                     img_size=exp.backbone.img_size, runtime=runtime)  # fmt: skip
+    work = {key: flops(model, img_size=exp.backbone.img_size) for key, model in models.items()}
     tried = [{"depth": depth, "val_accuracy": acc, "drop_points": 100 * (full - acc),
               "within_budget": within_budget(acc, full, cfg.max_drop), "throughput": rates[str(depth)],
-              "speedup": rates[str(depth)] / rates[str(n_blocks)]} for depth, acc in search.tried]  # fmt: skip
+              "speedup": rates[str(depth)] / rates[str(n_blocks)], "flops": work[str(depth)]}
+             for depth, acc in search.tried]  # fmt: skip
     return {
         "max_drop_points": cfg.max_drop,
         "split": "val",
@@ -192,7 +194,8 @@ def budget_search(exp: Experiment, start: int) -> dict:
         "start_depth": int(start),
         "chosen_depth": int(search.depth),
         "retrainings": search.evaluations if cfg.retrain else 0,
-        "full": {"depth": n_blocks, "val_accuracy": full, "throughput": rates[str(n_blocks)]},
+        "full": {"depth": n_blocks, "val_accuracy": full, "throughput": rates[str(n_blocks)],
+                 "flops": work[str(n_blocks)]},
         "tried": tried,
         "throughput_batch": cfg.throughput_batch,
     }

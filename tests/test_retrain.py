@@ -242,6 +242,10 @@ def test_budget_search_in_the_prune_stage_uses_the_validation_split(finetuned_ta
     for row in search["tried"]:
         assert row["val_accuracy"] == curve[row["depth"]] and row["throughput"] > 0
         assert row["within_budget"] == (row["depth"] >= 4)
+        # FLOPs per image of the deployed model: fewer blocks, fewer FLOPs, in proportion to the blocks cut.
+        assert 0 < row["flops"] < search["full"]["flops"]
+    by_depth = {row["depth"]: row["flops"] for row in search["tried"]}
+    assert by_depth[4] - by_depth[3] == pytest.approx((search["full"]["flops"] - by_depth[4]) / 2)
     # Every accuracy that chose k was on the validation split; the test split only reports.
     # (Each retraining also measures its curve on the validation split, at the same depth.)
     collapsed = [key for key, _ in itertools.groupby(splits_seen)]
