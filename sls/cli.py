@@ -330,7 +330,8 @@ def _compare(args: argparse.Namespace) -> int:
         record = read_record(args.task)
         retrain_epochs = int(record.retrain_epochs or record.setting("retrain_epochs") or 1)
     result = compare(args.task, ratios=args.ratios, depths=args.depths, retrain_epochs=retrain_epochs,
-                     weights=args.weights, n_batches=args.batches, throughput_batch=args.batch_size,
+                     weights=args.weights, n_batches=args.batches, heads=args.depgraph_heads,
+                     throughput_batch=args.batch_size,
                      progress=args.progress is None, out=args.out, runtime=_runtime(args))  # fmt: skip
     summary = result["summary"]
     table = Table(title=f"SLS (k = {summary['depth']} of {summary['num_blocks']} blocks) against DepGraph, "
@@ -535,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="retrain the other SLS depths and every DepGraph model for the task's retrain epochs")
     compare.add_argument("--retrain-epochs", type=int, default=None, help="retrain for this many epochs instead")
     compare.add_argument("--batches", type=int, default=4, help="training batches of the Taylor importance (default: %(default)s)")
+    compare.add_argument("--depgraph-heads", choices=("dims", "whole"), default="dims",
+                         help="DepGraph narrows every head (dims) or removes whole heads, each kept one keeping its "
+                              "size (default: %(default)s)")
     compare.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default: the task's)")
     compare.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
     compare.add_argument("--out", default=None, help="output folder (default: TASK/compare)")

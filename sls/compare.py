@@ -240,6 +240,7 @@ def compare(
     retrain_epochs: int | None = None,
     weights: str | Path | None = None,
     n_batches: int = 4,
+    heads: str = "dims",
     throughput_batch: int | None = None,
     progress: bool = True,
     out: str | Path | None = None,
@@ -257,6 +258,8 @@ def compare(
             like-for-like SLS figure is the task's k before retraining.
         weights: the backbone's weights file; default: the record's.
         n_batches: training batches of DepGraph's Taylor importance.
+        heads: DepGraph's attention pruning: ``"dims"`` (every head narrower) or
+            ``"whole"`` (whole heads removed); see :func:`sls.baselines.depgraph.depgraph_prune`.
         throughput_batch: batch size of the timing; default: the task's.
         progress: progress bars and a line per step.
         out: folder of ``compare.json``, ``compare.csv`` and ``compare.png``;
@@ -286,11 +289,12 @@ def compare(
         raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
     with seeded(record.seed):
         return _compare(task_dir, exp, record, ratios=ratios, depths=depths, retrain_epochs=retrain_epochs,
-                        n_batches=n_batches, throughput_batch=throughput_batch, out=out)
+                        n_batches=n_batches, heads=heads, throughput_batch=throughput_batch, out=out)
 
 
 def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: list[float], depths: list[int] | None,
-             retrain_epochs: int | None, n_batches: int, throughput_batch: int | None, out) -> dict:  # fmt: skip
+             retrain_epochs: int | None, n_batches: int, heads: str, throughput_batch: int | None,
+             out) -> dict:  # fmt: skip
     task_retrained = "retrain" in record.stages
     num_blocks, depth = record.num_blocks, int(record.depth)
     depths = sorted(set(depths) | {depth}) if depths is not None else default_depths(depth, num_blocks)
@@ -343,14 +347,14 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
     base = full.model
     target = parameter_count(base) - parameter_count(sls_task.model)
     log(f"DepGraph: searching the ratio that removes {target} parameters")
-    ratio_params = ratio_for_parameter_reduction(base, importance_loader, target)
+    ratio_params = ratio_for_parameter_reduction(base, importance_loader, target, heads=heads)
 
     depgraph_strategies = set()
 
     def depgraph(ratio: float, name: str, matched: str | None = None, importance: str = "taylor") -> _Candidate:
         log(f"DepGraph at ratio {ratio:.4f} ({importance})")
         model, kept = depgraph_prune(base, importance_loader, ratio=ratio, n_batches=n_batches, importance=importance,
-                                     return_kept=True)  # fmt: skip
+                                     heads=heads, return_kept=True)  # fmt: skip
         petl = petl_from_record(record.petl)
         folded = not any(petl.is_petl_param(n) for n, _ in model.named_parameters())  # LoRA, RepAdapter
         trainable = _make_trainable(model, record)
@@ -431,7 +435,8 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
                      "task_retrain_epochs": record.retrain_epochs if task_retrained else None,
                      "retrain_strategy": (record.retrain_strategy or "clr") if retrain_epochs is not None else None,
                      "depgraph_retrain_strategies": sorted(depgraph_strategies),
-                     "depgraph_round_to": ROUND_TO, "depgraph_importances": ["taylor", "magnitude"]},  # fmt: skip
+                     "depgraph_round_to": ROUND_TO, "depgraph_importances": ["taylor", "magnitude"],
+                     "depgraph_heads": heads},  # fmt: skip
     }
     write_text(out / "compare.csv", compare_csv(rows))
     plot_compare(out / "compare.png", rows, title=f"{record.backbone['model']} + {record.petl['method']} "

@@ -168,13 +168,16 @@ def test_bad_ratio_is_refused_before_any_work(task, tmp_path):
 def test_compare_command_retrains_depgraph_with_the_task_budget(task, tmp_path, capsys):
     task_dir, record = task
     out = tmp_path / "cmp"
-    args = ["compare", str(task_dir), "--ratios", "0.3", "--depths", "2", "--retrain", "--quiet", "--out", str(out)]
+    args = ["compare", str(task_dir), "--ratios", "0.3", "--depths", "2", "--retrain", "--quiet", "--out", str(out),
+            "--depgraph-heads", "whole"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "storage per task, DepGraph at equal parameters / SLS:" in printed and "equal throughput" in printed
     result = json.loads((out / "compare.json").read_text())
     assert result["settings"]["retrain_epochs"] == record["retrain_epochs"] == 2
     assert all(row["retrained"] for row in result["rows"] if row["method"] == "depgraph")
+    # Whole heads: every DepGraph model's attention keeps 32-dim heads (test_vit's size).
+    assert result["settings"]["depgraph_heads"] == "whole"
     # The DepGraph rows retrain with the task's own strategy, as the SLS rows do.
     assert result["settings"]["retrain_strategy"] == record["retrain_strategy"]
     assert result["settings"]["depgraph_retrain_strategies"] == [record["retrain_strategy"]]

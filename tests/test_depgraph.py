@@ -229,3 +229,23 @@ def test_the_two_importances_rank_channels_differently(loader):
     assert any(not torch.equal(taylor[name], magnitude[name]) for name in taylor)
     with pytest.raises(ConfigError, match="unknown DepGraph importance"):
         depgraph_prune(adapted_vit("lora"), loader, ratio=0.3, importance="random")
+
+
+def test_whole_head_pruning_keeps_each_kept_heads_size(loader):
+    # test_vit has 2 heads of 32 dims: at ratio 0.5 one whole head goes, the other keeps its 32 dims.
+    model = adapted_vit("lora")
+    pruned, kept = depgraph_prune(model, loader, ratio=0.5, heads="whole", return_kept=True)
+    for b, block in enumerate(pruned.blocks):
+        assert (block.attn.num_heads, block.attn.head_dim) == (1, HEAD_DIM)
+        assert block.attn.qkv.out_features == 3 * HEAD_DIM and block.attn.proj.in_features == HEAD_DIM
+        heads = kept[f"blocks.{b}.attn.proj"]  # the kept head's dims, one whole head
+        assert len(heads) == HEAD_DIM and heads[0] % HEAD_DIM == 0 and torch.equal(heads, heads[0] + torch.arange(32))
+    assert pruned.embed_dim == 32 and pruned.blocks[0].mlp.fc1.out_features == 96
+    images, _ = next(iter(loader))
+    with torch.no_grad():
+        assert torch.isfinite(pruned(images)).all()
+    # At a small ratio the nearest whole number of heads is both: nothing of the attention goes.
+    light = depgraph_prune(model, loader, ratio=0.2, heads="whole")
+    assert light.blocks[0].attn.num_heads == 2 and light.blocks[0].attn.head_dim == HEAD_DIM
+    with pytest.raises(ConfigError, match="unknown DepGraph head mode"):
+        depgraph_prune(model, loader, ratio=0.2, heads="some")

@@ -150,6 +150,10 @@ def _finish_attention(attn: nn.Module, num_heads: int, head_dim_before: int) -> 
 
 
 IMPORTANCES = ("taylor", "magnitude")
+HEAD_MODES = ("dims", "whole")
+"""How attention is narrowed: ``dims`` removes the same dims from every head (all heads
+kept); ``whole`` removes whole heads (each kept head keeps all its dims, the head size
+fused GPU attention kernels are built for)."""
 ROUND_TO = 8
 """Default width multiple: every kept width (residual, head dim, MLP hidden) is a
 multiple of 8, the sizes fused attention kernels and tensor cores are built for."""
@@ -171,17 +175,22 @@ def _ratio_keeping(total: int, kept: int) -> float:
     return max(0.0, (total - kept - 0.5) / total)
 
 
-def _group_ratios(model: nn.Module, ratio: float, round_to: int | None) -> tuple[float, dict]:
-    """The residual ratio and per-layer ratios (head dims at each ``qkv``, MLP hidden at
-    each ``fc1``) that keep :func:`_kept` channels in every group."""
+def _group_ratios(model: nn.Module, ratio: float, round_to: int | None, heads: str) -> tuple[float, dict, float]:
+    """The residual ratio, per-layer ratios (head dims at each ``qkv``, MLP hidden at
+    each ``fc1``) that keep :func:`_kept` channels in every group, and the head ratio."""
     width = model.patch_embed.proj.out_channels
     residual = _ratio_keeping(width, _kept(width, ratio, round_to))
-    per_layer = {}
+    per_layer, head_ratio = {}, 0.0
     for block in vit.blocks(model):
         attn, fc1 = block.attn, block.mlp.fc1
-        per_layer[attn.qkv] = _ratio_keeping(attn.head_dim, _kept(attn.head_dim, ratio, round_to))
+        if heads == "dims":
+            per_layer[attn.qkv] = _ratio_keeping(attn.head_dim, _kept(attn.head_dim, ratio, round_to))
+        else:
+            removed = attn.num_heads - max(1, round(attn.num_heads * (1 - ratio)))
+            # torch-pruning removes ceil(ratio * heads) heads: half a head of slack lands on ``removed``.
+            head_ratio = max(0.0, (removed - 0.5) / attn.num_heads)
         per_layer[fc1] = _ratio_keeping(fc1.out_features, _kept(fc1.out_features, ratio, round_to))
-    return residual, per_layer
+    return residual, per_layer, head_ratio
 
 
 def _prune(
@@ -191,11 +200,14 @@ def _prune(
     ratio: float,
     round_to: int | None,
     importance: str,
+    heads: str = "dims",
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Prune a merged copy of ``model``; returns it and, per pruned group, the indices
     of the channels it kept (named by the group's root layer)."""
     if importance not in IMPORTANCES:
         raise ConfigError(f"unknown DepGraph importance {importance!r}; choose one of: {', '.join(IMPORTANCES)}")
+    if heads not in HEAD_MODES:
+        raise ConfigError(f"unknown DepGraph head mode {heads!r}; choose one of: {', '.join(HEAD_MODES)}")
     tp = _torch_pruning()
     pruned = merge_for_inference(model)
     _check_supported(pruned)
@@ -208,7 +220,7 @@ def _prune(
     for param in pruned.parameters():
         param.requires_grad_(True)
     taylor = importance == "taylor"
-    residual_ratio, per_layer = _group_ratios(pruned, ratio, round_to)
+    residual_ratio, per_layer, head_ratio = _group_ratios(pruned, ratio, round_to, heads)
     pruner = tp.pruner.MetaPruner(
         pruned,
         batches[0][0][:1].to(device),
@@ -218,8 +230,9 @@ def _prune(
         round_to=None,  # the widths are rounded by the ratios above, to the nearest multiple
         ignored_layers=_ignored_layers(pruned),
         num_heads={attn.qkv: attn.num_heads for attn in attentions},
-        prune_head_dims=True,
-        prune_num_heads=False,
+        prune_head_dims=heads == "dims",
+        prune_num_heads=heads == "whole",
+        head_pruning_ratio=head_ratio,
         unwrapped_parameters=_unwrapped_parameters(pruned),
     )
     if taylor:
@@ -256,6 +269,7 @@ def depgraph_prune(
     n_batches: int = 4,
     round_to: int | None = ROUND_TO,
     importance: str = "taylor",
+    heads: str = "dims",
     return_kept: bool = False,
 ):
     """A copy of ``model`` with a fraction ``ratio`` of its channels removed by DepGraph.
@@ -273,6 +287,9 @@ def depgraph_prune(
             kernels want such widths); None keeps torch-pruning's exact count.
         importance: ``"taylor"`` (first-order Taylor, |w * grad|, the paper's) or
             ``"magnitude"`` (|w|, no gradient).
+        heads: ``"dims"`` (every head loses the same dims, rounded as the other widths)
+            or ``"whole"`` (the nearest whole number of heads goes, at least one kept;
+            each kept head keeps its size).
         return_kept: also return the kept channels' indices per pruned group.
 
     Returns:
@@ -284,7 +301,7 @@ def depgraph_prune(
     """
     _check_ratio(ratio)
     pruned, kept = _prune(model, _first_batches(example_loader, n_batches), ratio=ratio, round_to=round_to,
-                          importance=importance)  # fmt: skip
+                          importance=importance, heads=heads)  # fmt: skip
     return (pruned, kept) if return_kept else pruned
 
 
@@ -305,6 +322,7 @@ def ratio_for_parameter_reduction(
     target_removed_params: int,
     *,
     round_to: int | None = ROUND_TO,
+    heads: str = "dims",
     steps: int = 10,
 ) -> float:
     """The ratio at which :func:`depgraph_prune` removes about ``target_removed_params``.
@@ -328,7 +346,8 @@ def ratio_for_parameter_reduction(
     total = _count(model)
 
     def removed(ratio: float) -> int:
-        return total - _count(_prune(model, batches, ratio=ratio, round_to=round_to, importance="magnitude")[0])
+        return total - _count(_prune(model, batches, ratio=ratio, round_to=round_to, importance="magnitude",
+                                     heads=heads)[0])
 
     low, high = 0.0, MAX_RATIO
     removed_low, removed_high = removed(low), removed(high)
