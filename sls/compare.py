@@ -241,6 +241,7 @@ def compare(
     weights: str | Path | None = None,
     n_batches: int = 4,
     heads: str = "dims",
+    depgraph_train: str = "petl",
     throughput_batch: int | None = None,
     progress: bool = True,
     out: str | Path | None = None,
@@ -260,6 +261,10 @@ def compare(
         n_batches: training batches of DepGraph's Taylor importance.
         heads: DepGraph's attention pruning: ``"dims"`` (every head narrower) or
             ``"whole"`` (whole heads removed); see :func:`sls.baselines.depgraph.depgraph_prune`.
+        depgraph_train: what retrains in a DepGraph model: ``"petl"`` (its PETL modules
+            and head on the frozen pruned backbone, as SLS) or ``"all"`` (every weight,
+            Torch-Pruning's usual recovery; its storage is then the whole model in both
+            accountings).
         throughput_batch: batch size of the timing; default: the task's.
         progress: progress bars and a line per step.
         out: folder of ``compare.json``, ``compare.csv`` and ``compare.png``;
@@ -281,6 +286,8 @@ def compare(
     ratios = sorted({float(r) for r in ratios})
     if any(not 0 < r <= MAX_RATIO for r in ratios):
         raise ConfigError(f"DepGraph ratios must be in (0, {MAX_RATIO}], got {', '.join(map(str, ratios))}")
+    if depgraph_train not in ("petl", "all"):
+        raise ConfigError(f"depgraph_train must be 'petl' or 'all', got {depgraph_train!r}")
     if retrain_epochs is not None and retrain_epochs < 1:
         raise ConfigError(f"--retrain-epochs must be >= 1, got {retrain_epochs}")
     exp, record = Experiment.from_record(task_dir, weights=weights, runtime=runtime or Runtime(),
@@ -289,12 +296,13 @@ def compare(
         raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
     with seeded(record.seed):
         return _compare(task_dir, exp, record, ratios=ratios, depths=depths, retrain_epochs=retrain_epochs,
-                        n_batches=n_batches, heads=heads, throughput_batch=throughput_batch, out=out)
+                        n_batches=n_batches, heads=heads, depgraph_train=depgraph_train,
+                        throughput_batch=throughput_batch, out=out)
 
 
 def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: list[float], depths: list[int] | None,
-             retrain_epochs: int | None, n_batches: int, heads: str, throughput_batch: int | None,
-             out) -> dict:  # fmt: skip
+             retrain_epochs: int | None, n_batches: int, heads: str, depgraph_train: str,
+             throughput_batch: int | None, out) -> dict:  # fmt: skip
     task_retrained = "retrain" in record.stages
     num_blocks, depth = record.num_blocks, int(record.depth)
     depths = sorted(set(depths) | {depth}) if depths is not None else default_depths(depth, num_blocks)
@@ -357,7 +365,10 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
                                      heads=heads, return_kept=True)  # fmt: skip
         petl = petl_from_record(record.petl)
         folded = not any(petl.is_petl_param(n) for n, _ in model.named_parameters())  # LoRA, RepAdapter
-        trainable = _make_trainable(model, record)
+        if depgraph_train == "all" and retrain_epochs is not None:  # Torch-Pruning's recovery: every weight trains
+            trainable = model.requires_grad_(True)
+        else:
+            trainable = _make_trainable(model, record)
         if retrain_epochs is not None:
             log(f"retraining {name}")
             depgraph_strategies.add(_retrain(trainable, exp, record, retrain_epochs, depgraph=True))
@@ -370,6 +381,8 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
         indices = kept_indices_bytes(kept) + task_tensor_bytes(trainable) + record_bytes
         if folded and retrain_epochs is not None:
             indices += petl_bytes
+        if depgraph_train == "all" and retrain_epochs is not None:
+            indices = state_dict_bytes(deployable)  # a retrained backbone is the task's own: kept whole
         return _Candidate(name, "depgraph", deployable, num_blocks, ratio=ratio, matched=matched,
                           retrained=retrain_epochs is not None, storage_bytes=state_dict_bytes(deployable),
                           storage_bytes_indices=indices, importance=importance)  # fmt: skip
@@ -436,7 +449,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
                      "retrain_strategy": (record.retrain_strategy or "clr") if retrain_epochs is not None else None,
                      "depgraph_retrain_strategies": sorted(depgraph_strategies),
                      "depgraph_round_to": ROUND_TO, "depgraph_importances": ["taylor", "magnitude"],
-                     "depgraph_heads": heads},  # fmt: skip
+                     "depgraph_heads": heads, "depgraph_train": depgraph_train},  # fmt: skip
     }
     write_text(out / "compare.csv", compare_csv(rows))
     plot_compare(out / "compare.png", rows, title=f"{record.backbone['model']} + {record.petl['method']} "

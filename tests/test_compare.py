@@ -329,3 +329,15 @@ def test_another_retraining_budget_retrains_slss_k_with_it_too(task, tmp_path):
     assert result["summary"]["sls_row"] == f"SLS k={k} retrained 1 epoch(s)" and result["summary"]["retrain_epochs"] == 1
     by_name = {row["model"]: row for row in result["rows"]}
     assert by_name[f"SLS k={k} retrained 1 epoch(s)"]["retrained"] and by_name[f"SLS k={k} (task)"]["retrained"]
+
+
+def test_depgraph_can_retrain_every_weight_and_is_then_stored_whole(task, tmp_path):
+    task_dir, _ = task
+    result = compare(task_dir, ratios=(0.3,), depths=[2], retrain_epochs=1, depgraph_train="all", progress=False,
+                     out=tmp_path / "cmp")  # fmt: skip
+    assert result["settings"]["depgraph_train"] == "all"
+    for row in rows_of(result, "depgraph"):
+        # Its backbone trained: the task is its whole model in both accountings.
+        assert row["retrained"] and row["storage_bytes_indices"] == row["storage_bytes"]
+    with pytest.raises(ConfigError, match="depgraph_train must be 'petl' or 'all'"):
+        compare(task_dir, depgraph_train="some", progress=False, out=tmp_path / "bad")
