@@ -331,7 +331,7 @@ def _compare(args: argparse.Namespace) -> int:
         retrain_epochs = int(record.retrain_epochs or record.setting("retrain_epochs") or 1)
     result = compare(args.task, ratios=args.ratios, depths=args.depths, retrain_epochs=retrain_epochs,
                      weights=args.weights, n_batches=args.batches, heads=args.depgraph_heads,
-                     depgraph_train=args.depgraph_train,
+                     depgraph_train=args.depgraph_train, depgraph_lr=args.depgraph_lr,
                      throughput_batch=args.batch_size,
                      progress=args.progress is None, out=args.out, runtime=_runtime(args))  # fmt: skip
     summary = result["summary"]
@@ -544,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --retrain, DepGraph retrains its PETL modules and head on the frozen pruned "
                               "backbone (petl, as SLS) or every weight (all, Torch-Pruning's usual recovery; "
                               "its storage is then its whole model) (default: %(default)s)")
+    compare.add_argument("--depgraph-lr", type=float, default=None,
+                         help="peak learning rate of DepGraph's retraining (default: the task's; training every "
+                              "weight wants a far lower one)")
     compare.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default: the task's)")
     compare.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
     compare.add_argument("--out", default=None, help="output folder (default: TASK/compare)")

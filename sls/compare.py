@@ -161,7 +161,8 @@ def _make_trainable(model: nn.Module, record: TaskRecord) -> nn.Module:
     return model
 
 
-def _retrain(model: nn.Module, exp: Experiment, record: TaskRecord, epochs: int, *, depgraph: bool = False) -> str:
+def _retrain(model: nn.Module, exp: Experiment, record: TaskRecord, epochs: int, *, depgraph: bool = False,
+             lr: float | None = None) -> str:  # fmt: skip
     """Retrain ``model`` in place with the task's strategy for ``epochs``; returns the
     strategy used (see the module docstring for DepGraph's two exceptions)."""
     name = record.retrain_strategy or "clr"
@@ -175,7 +176,9 @@ def _retrain(model: nn.Module, exp: Experiment, record: TaskRecord, epochs: int,
     warmup = cfg.warmup_epochs
     if warmup is not None:
         warmup = float(warmup) * epochs / max(1, exp.retrain_epochs)
-    schedule = Schedule(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=warmup, min_lr=cfg.min_lr)
+    peak = cfg.lr if lr is None else lr
+    min_lr = cfg.min_lr if lr is None or cfg.min_lr is None else cfg.min_lr * lr / cfg.lr
+    schedule = Schedule(lr=peak, weight_decay=cfg.weight_decay, warmup_epochs=warmup, min_lr=min_lr)
     if exp.train_loader.generator is not None:
         exp.train_loader.generator.manual_seed(cfg.seed)
     with seeded(cfg.seed):
@@ -242,6 +245,7 @@ def compare(
     n_batches: int = 4,
     heads: str = "dims",
     depgraph_train: str = "petl",
+    depgraph_lr: float | None = None,
     throughput_batch: int | None = None,
     progress: bool = True,
     out: str | Path | None = None,
@@ -265,6 +269,9 @@ def compare(
             and head on the frozen pruned backbone, as SLS) or ``"all"`` (every weight,
             Torch-Pruning's usual recovery; its storage is then the whole model in both
             accountings).
+        depgraph_lr: peak learning rate of DepGraph's retraining (default: the task's).
+            Training every weight wants a far lower rate than a PETL method's: at the
+            demo's 3e-3 it collapses (BENCHMARKS.md).
         throughput_batch: batch size of the timing; default: the task's.
         progress: progress bars and a line per step.
         out: folder of ``compare.json``, ``compare.csv`` and ``compare.png``;
@@ -286,6 +293,8 @@ def compare(
     ratios = sorted({float(r) for r in ratios})
     if any(not 0 < r <= MAX_RATIO for r in ratios):
         raise ConfigError(f"DepGraph ratios must be in (0, {MAX_RATIO}], got {', '.join(map(str, ratios))}")
+    if depgraph_lr is not None and not depgraph_lr > 0:
+        raise ConfigError(f"depgraph_lr must be > 0, got {depgraph_lr}")
     if depgraph_train not in ("petl", "all"):
         raise ConfigError(f"depgraph_train must be 'petl' or 'all', got {depgraph_train!r}")
     if retrain_epochs is not None and retrain_epochs < 1:
@@ -296,13 +305,13 @@ def compare(
         raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
     with seeded(record.seed):
         return _compare(task_dir, exp, record, ratios=ratios, depths=depths, retrain_epochs=retrain_epochs,
-                        n_batches=n_batches, heads=heads, depgraph_train=depgraph_train,
+                        n_batches=n_batches, heads=heads, depgraph_train=depgraph_train, depgraph_lr=depgraph_lr,
                         throughput_batch=throughput_batch, out=out)
 
 
 def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: list[float], depths: list[int] | None,
              retrain_epochs: int | None, n_batches: int, heads: str, depgraph_train: str,
-             throughput_batch: int | None, out) -> dict:  # fmt: skip
+             depgraph_lr: float | None, throughput_batch: int | None, out) -> dict:  # fmt: skip
     task_retrained = "retrain" in record.stages
     num_blocks, depth = record.num_blocks, int(record.depth)
     depths = sorted(set(depths) | {depth}) if depths is not None else default_depths(depth, num_blocks)
@@ -371,7 +380,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
             trainable = _make_trainable(model, record)
         if retrain_epochs is not None:
             log(f"retraining {name}")
-            depgraph_strategies.add(_retrain(trainable, exp, record, retrain_epochs, depgraph=True))
+            depgraph_strategies.add(_retrain(trainable, exp, record, retrain_epochs, depgraph=True, lr=depgraph_lr))
         deployable = deployable_model(trainable)
         # Over a frozen shared backbone: the kept channels' indices, the PETL tensors at
         # the pruned widths and the head rebuild this model. A folded method's fine-tuned
@@ -449,7 +458,8 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
                      "retrain_strategy": (record.retrain_strategy or "clr") if retrain_epochs is not None else None,
                      "depgraph_retrain_strategies": sorted(depgraph_strategies),
                      "depgraph_round_to": ROUND_TO, "depgraph_importances": ["taylor", "magnitude"],
-                     "depgraph_heads": heads, "depgraph_train": depgraph_train},  # fmt: skip
+                     "depgraph_heads": heads, "depgraph_train": depgraph_train,
+                     "depgraph_lr": depgraph_lr if depgraph_lr is not None else exp.config.lr},  # fmt: skip
     }
     write_text(out / "compare.csv", compare_csv(rows))
     plot_compare(out / "compare.png", rows, title=f"{record.backbone['model']} + {record.petl['method']} "

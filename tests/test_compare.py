@@ -333,9 +333,9 @@ def test_another_retraining_budget_retrains_slss_k_with_it_too(task, tmp_path):
 
 def test_depgraph_can_retrain_every_weight_and_is_then_stored_whole(task, tmp_path):
     task_dir, _ = task
-    result = compare(task_dir, ratios=(0.3,), depths=[2], retrain_epochs=1, depgraph_train="all", progress=False,
-                     out=tmp_path / "cmp")  # fmt: skip
-    assert result["settings"]["depgraph_train"] == "all"
+    result = compare(task_dir, ratios=(0.3,), depths=[2], retrain_epochs=1, depgraph_train="all", depgraph_lr=1e-3,
+                     progress=False, out=tmp_path / "cmp")  # fmt: skip
+    assert result["settings"]["depgraph_train"] == "all" and result["settings"]["depgraph_lr"] == 1e-3
     for row in rows_of(result, "depgraph"):
         # Its backbone trained: the task is its whole model in both accountings.
         assert row["retrained"] and row["storage_bytes_indices"] == row["storage_bytes"]
