@@ -99,7 +99,9 @@ def test_depgraph_keeps_far_more_bytes_per_task_than_sls(task, compared):
         task_dir / "record.json"
     ).stat().st_size
     for row in rows_of(compared, "depgraph"):
-        if row["ratio"] < MAX_RATIO:  # at 0.9 a 64-wide model keeps 6 channels: a toy, not a task
+        # The equal-speed ratio follows the timing (on this tiny model anywhere up to 0.9, where a
+        # 64-wide model keeps a few channels: a toy, not a task); the other ratios are fixed.
+        if row["matched"] != "throughput":
             assert row["storage_bytes"] > 10 * sls_task["storage_bytes"], row
     by_params = rows_of(compared, "depgraph")[0]
     assert compared["summary"]["storage_ratio_depgraph_over_sls"] == pytest.approx(
@@ -116,7 +118,7 @@ def test_depgraph_storage_in_the_indices_accounting_is_about_sls_size(task, comp
         # kept-channel indices + PETL at the pruned widths + head + record: a few kB more
         # than SLS at most, never the pruned backbone's size.
         assert sls_task["storage_bytes"] / 4 < row["storage_bytes_indices"] < 3 * sls_task["storage_bytes"], row
-        if row["ratio"] < MAX_RATIO:  # at 0.9 a 64-wide model keeps 6 channels: a toy, not a task
+        if row["matched"] != "throughput":  # the timing-set ratio can reach a toy model (above)
             assert row["storage_bytes_indices"] < row["storage_bytes"] / 5, row
     summary = compared["summary"]
     by_params = rows_of(compared, "depgraph")[0]
