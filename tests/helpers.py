@@ -30,6 +30,17 @@ def silhouette_by_hand(points, labels):
     return float(np.mean(values))
 
 
+def randomize_trainable(model: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> torch.nn.Module:
+    """Stand-in for training: every trainable tensor drawn from a seeded normal times
+    ``scale`` (LoRA B and the adapters' up start at zero, which would hide them)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
 def images_for(model: torch.nn.Module, n: int = 9) -> torch.Tensor:
     """``n`` seeded random images of the model's input size."""
     height, width = model.patch_embed.img_size

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import randomize_trainable
 from safetensors.torch import load_file, save_file
 
 from sls.artifact import RECORD_FILE, save_task, task_file, task_tensor_bytes
@@ -21,12 +22,7 @@ def trained_task(tmp_path, petl="lora", depth=3, weights="random"):
     method = create_petl(petl)
     method.apply(model)
     truncate(model, depth)
-    # Stand-in for training: give every task tensor non-default values.
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator))
+    randomize_trainable(model, scale=1.0)
     record = {"backbone": info.to_dict(), "petl": {"method": method.name, "hparams": method.hparams},
               "depth": depth, "num_classes": 4}
     save_task(tmp_path / "task", model, record)

@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 import timm
 import torch
+from helpers import randomize_trainable
 from safetensors.torch import load_file
 
 from sls.backbones import create_backbone, truncate
@@ -27,11 +28,7 @@ def task_model(petl="lora"):
     model, _ = create_backbone("test_vit", num_classes=NUM_CLASSES, weights="random", img_size=32)
     create_petl(petl).apply(model)
     truncate(model, DEPTH)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    randomize_trainable(model)
     return model.eval()
 
 

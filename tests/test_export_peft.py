@@ -11,6 +11,7 @@ import peft
 import pytest
 import timm
 import torch
+from helpers import randomize_trainable
 from safetensors.torch import load_file, save_file
 
 from sls.artifact import save_task
@@ -32,11 +33,7 @@ def trained_task(tmp_path, petl="lora", backbone=VIT, depth=DEPTH, weights="rand
     method = create_petl(petl, **hparams)
     method.apply(model)
     truncate(model, depth)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    randomize_trainable(model)
     record = {"backbone": info.to_dict(), "petl": {"method": method.name, "hparams": method.hparams},
               "depth": depth, "num_classes": NUM_CLASSES}  # fmt: skip
     return save_task(tmp_path / "task", model, record)
