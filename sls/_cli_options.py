@@ -63,6 +63,10 @@ def _choices(spec) -> list[str] | None:
         from sls.criteria import list_criteria
 
         return list_criteria()
+    if spec == "tasks":
+        from sls.tasks import list_tasks
+
+        return list_tasks()
     if spec == "recipes":
         from sls.recipes import list_recipes
 

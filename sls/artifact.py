@@ -37,7 +37,7 @@ __all__ = ["RECORD_FILE", "TaskRecord", "read_record", "save_task", "load_tensor
 
 TENSOR_METADATA = {"format": "sls"}
 _TENSOR_FILE = re.compile(r"^(task|finetuned)(-[0-9a-f]{16})?\.safetensors$")
-_OWN_TEMPORARY = re.compile(r"^\.(record\.json|config\.yaml|scores\.csv|(training|scores|budget)\.png|"
+_OWN_TEMPORARY = re.compile(r"^\.(record\.json|config\.yaml|scores\.csv|(training|scores|budget|predictions)\.png|"
                             r"(task|finetuned)(-[0-9a-f]{16})?\.safetensors)\..+\.tmp$")
 """Temporary files of sls's own writes into a task folder (see :func:`sls._io.atomic_write`)."""
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -99,6 +100,7 @@ def _execute(config) -> int:
     for line in [*selection_notes(summary), *run_notes(summary)]:
         print(line)
     plots = "scores.png, training.png" + (", budget.png" if record.budget_search else "")
+    plots += ", predictions.png" if record.results.get("metric") else ""
     tensors = record.files["task"]["file"] if "task" in record.files else "task.safetensors"
     print(f"task folder: {record.config.out}  (record.json, config.yaml, {tensors}, scores.csv, {plots})")
     return 0
@@ -232,10 +234,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from sls.config import RunConfig
-    from sls.recipes import apply_recipe
+    from sls.recipes import apply_recipe, demo_recipe
 
     given = {key: getattr(args, key) for key in RUNTIME_KEYS if getattr(args, key) is not None}
-    settings = apply_recipe("demo", {"out": args.out, "progress": not args.quiet, **given})
+    settings = apply_recipe(demo_recipe(args.task), {"out": args.out, "progress": not args.quiet, **given})
     return _execute(RunConfig(**settings))
 
 
@@ -278,6 +280,8 @@ def _data_check(args: argparse.Namespace) -> int:
     from sls.data import LabelledFiles, load_dataset, make_splits
     from sls.data.files import find_bad_images
 
+    if args.task != "classification":
+        return _data_check_dense(args)
     data = load_dataset(args.dataset)
     splits = make_splits(data)
     print(f"{data.source}: {len(data)} images, {len(data.classes)} classes "
@@ -416,6 +420,7 @@ def _predict(args: argparse.Namespace) -> int:
     from sls.data.files import read_image
     from sls.experiment import load_task
     from sls.export import predict
+    from sls.tasks import get_task
 
     _one_process("predict")
     runtime = _runtime(args)
@@ -423,13 +428,49 @@ def _predict(args: argparse.Namespace) -> int:
     backbone = record.backbone
     transform = make_transform(backbone["img_size"], tuple(backbone["mean"]), tuple(backbone["std"]),
                                backbone.get("interpolation", "bicubic"))  # fmt: skip
+    classes = record.classes or [str(c) for c in range(record.num_classes)]
+    task = get_task(record.config.task, **record.config.task_options)
+    if task.dense:
+        return _predict_dense(args, task, model, record, transform, classes)
+    if args.out is not None:
+        raise ConfigError("--out is for the dense tasks' masks and boxes; a classifier's predictions are printed")
     # Every image is read before anything is printed: a bad one stops the command whole.
     images = [transform(read_image(path)) for path in args.images]
-    classes = record.classes or [str(c) for c in range(record.num_classes)]
     for start in range(0, len(images), args.batch_size):
         labels, probabilities = predict(model, torch.stack(images[start : start + args.batch_size]), runtime=runtime)
         for path, label, row in zip(args.images[start:], labels.tolist(), probabilities):
             print(f"{path}: {classes[label]} ({row[label].item():.3f})")
+    return 0
+
+
+def _data_check_dense(args: argparse.Namespace) -> int:
+    from sls.data.layouts import check_dense
+    from sls.tasks import get_task
+
+    task = get_task(args.task)
+    report = check_dense(task.load_data(args.dataset), task.name, limit=args.limit, progress=not args.quiet)
+    print(report.format())
+    if not report.ok:
+        print(f"sls: error: {len(report.problems)} problem(s) in {args.dataset}; the first: {report.problems[0]}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    return 0
+
+
+def _predict_dense(args, task, model, record, transform, classes) -> int:
+    from sls.data.files import read_image
+    from sls.tasks.render import predict_dense
+
+    out = Path(args.out) if args.out else Path(args.task) / "predictions"
+    images = [read_image(path) for path in args.images]  # a bad image stops the command before any file
+    stems = [Path(path).stem for path in args.images]
+    if len(set(stems)) != len(stems):
+        raise ConfigError("two images share a file name; their outputs would overwrite each other")
+    out.mkdir(parents=True, exist_ok=True)
+    for image, stem in zip(images, stems):
+        summary = predict_dense(task, model, image, transform, int(record.backbone["img_size"]), classes, out, stem,
+                                threshold=args.threshold)  # fmt: skip
+        print(f"{out / summary}")
     return 0
 
 
@@ -460,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole SLS run on the embedded default (DINOv2 ViT-S/14, LoRA, MNIST-5k)")
     demo.add_argument("--out", default=None, help="task folder (default: runs/demo-<time>)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification",
+                      help="classification on MNIST-5k, or a dense task on the composed mnist-scenes "
+                           "(default: %(default)s)")  # fmt: skip
     add_config_options(demo, RUNTIME_KEYS)
     demo.set_defaults(handler=_demo)
     run = commands.add_parser("run", help="all stages: fine-tune, prune (score blocks, k), retrain, evaluate; "
@@ -523,7 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="inspect a dataset without a model")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     check = data_commands.add_parser("check", help="validate a dataset and print counts per class and split")
-    check.add_argument("dataset", help="an embedded name, a VTAB-1k folder, an image-folder tree or a CSV file")
+    check.add_argument("dataset", help="an embedded name, a VTAB-1k folder, an image-folder tree or a CSV file; "
+                                       "for --task segmentation or detection mnist-scenes, or an ADE20K, VOC2012, "
+                                       "COCO or images/ + masks/ folder")  # fmt: skip
+    check.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification",
+                       help="the labels to check; the dense tasks list classes, objects and pixels per class and "
+                            "every bad file, exit 2 when there is one (default: %(default)s)")  # fmt: skip
+    check.add_argument("--limit", type=int, default=None, help="dense tasks: check only the first N images")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(handler=_data_check)
 
     compare = commands.add_parser("compare", help="SLS against DepGraph width pruning of the same PETL model: "
@@ -564,11 +615,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(export, ("device",), default_note="cpu")
     export.set_defaults(handler=_export)
 
-    predict = commands.add_parser("predict", help="print the most probable class of each image with a task's model")
+    predict = commands.add_parser("predict", help="print the most probable class of each image with a task's model "
+                                                  "(dense tasks: write masks or boxes and overlays)")
     predict.add_argument("task", help="a pruned task folder")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL mode)")
     predict.add_argument("--weights", default=None, help="the backbone's weights file (default: the record's)")
     predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    predict.add_argument("--out", default=None, help="dense tasks: folder of the masks (PNG) or boxes (JSON) and "
+                                                     "their overlays (default: TASK/predictions)")  # fmt: skip
+    predict.add_argument("--threshold", type=float, default=0.3, help="detection: the lowest score of a box written "
+                                                                      "(default: %(default)s)")  # fmt: skip
     add_config_options(predict, RUNTIME_KEYS)
     predict.set_defaults(handler=_predict)
     return parser

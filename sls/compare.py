@@ -23,6 +23,11 @@ stated in ``compare.json``: ``tfs`` cannot reset DepGraph's pruned modules to va
 they never had, so DepGraph gets ``clr`` there; ``distill``'s feature term compares
 widths DepGraph changed, so it is off for DepGraph.
 
+Every task type compares: each model's figure is the task's primary metric (accuracy,
+mIoU, mAP; the rows keep the column name ``accuracy``, ``settings["metric"]`` names it).
+DepGraph prunes a dense model's encoder and narrows its task head's inputs to the kept
+residual channels; the retrained rows train that whole head with the PETL modules.
+
 Every model is measured as it is deployed (:func:`sls.export.deployable_model`: LoRA
 and RepAdapter folded into the backbone's linears), all in one :func:`sls.bench.measure`
 run so a noisy machine hits them alike: throughput at batch 1 and at the task's batch,
@@ -81,7 +86,7 @@ from sls.record import TaskRecord
 from sls.report import plot_compare
 from sls.retrain import create_strategy
 from sls.runtime import Runtime
-from sls.train import Schedule, accuracy
+from sls.train import Schedule
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 CSV_COLUMNS = ("model", "method", "importance", "depth", "ratio", "matched", "retrained", "accuracy", "throughput",
@@ -145,17 +150,22 @@ def _importance_loader(exp: Experiment, n_batches: int) -> DataLoader:
     train_set, batch_size = exp.train_loader.dataset, exp.config.batch_size
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(exp.config.seed))
     return DataLoader(Subset(train_set, order[: n_batches * batch_size].tolist()), batch_size=batch_size, shuffle=False,
-                      generator=torch.Generator())
+                      generator=torch.Generator(), collate_fn=exp.task.collate)  # fmt: skip
 
 
 def _make_trainable(model: nn.Module, record: TaskRecord) -> nn.Module:
     """Train the task's PETL method and the head of a DepGraph model, re-inserting the
     method where the pruning folded it into the backbone (LoRA, RepAdapter): fresh
-    modules start as an identity update, so retraining starts from the pruned model."""
+    modules start as an identity update, so retraining starts from the pruned model.
+    A dense model's method goes into its encoder, and its whole task head trains."""
     petl = petl_from_record(record.petl)
+    dense = getattr(model, "is_dense_model", False)
     if not any(petl.is_petl_param(name) for name, _ in model.named_parameters()):
-        return petl.apply(model)
-    head = head_parameter_names(model)
+        petl.apply(model.encoder if dense else model)
+    if dense:
+        head = {name for name, _ in model.named_parameters() if name.startswith("head.")}
+    else:
+        head = head_parameter_names(model)
     for name, param in model.named_parameters():
         param.requires_grad_(petl.is_petl_param(name) or name in head)
     return model
@@ -189,12 +199,12 @@ def _retrain(model: nn.Module, exp: Experiment, record: TaskRecord, epochs: int,
 
 
 def _rows(candidates: list[_Candidate], exp: Experiment, *, batch_size: int) -> list[dict]:
-    """Accuracy, the measurements (one run), parameters and storage of every candidate."""
+    """The task's metric (under ``accuracy``: accuracy, mIoU, mAP), the measurements
+    (one run), parameters and storage of every candidate."""
     unique = {id(c.model): c.model for c in candidates}  # a model listed twice is measured once
     figures = measure({str(key): model for key, model in unique.items()}, img_size=exp.backbone.img_size,
                       batch_sizes=(1, batch_size), runtime=exp.runtime, progress=exp.log)  # fmt: skip
-    accuracies = {key: accuracy(model, exp.test_loader, desc="test", progress=exp.config.progress, runtime=exp.runtime)
-                  for key, model in unique.items()}  # fmt: skip
+    accuracies = {key: exp.quality(model, exp.test_loader, "test") for key, model in unique.items()}
     full = figures[str(id(candidates[0].model))]
     rows = []
     for c in candidates:
@@ -279,14 +289,15 @@ def compare(
         runtime: where and how every model runs and is timed (default: the CPU, float32).
 
     Returns:
-        ``rows`` (one dict per model: accuracy in [0, 1], images/s, speed-up over the
+        ``rows`` (one dict per model: the task's metric in [0, 1] under ``accuracy``
+        (accuracy, mIoU or mAP, named by ``settings["metric"]``), images/s, speed-up over the
         full model, parameters, per-task storage bytes), ``summary`` (the figures
         at equal parameters and equal throughput, the storage ratio) and
         ``settings``; also written to ``compare.json``.
 
     Raises:
-        ConfigError: a ratio or depth out of range, or a PETL method DepGraph
-            cannot prune (Convpass).
+        ConfigError: a ratio or depth out of range, a PETL method DepGraph
+            cannot prune (Convpass), or ``distill`` retraining of a dense task.
         TaskRecordError: an unpruned or incomplete task, or another backbone.
     """
     task_dir = Path(task_dir)
@@ -313,6 +324,9 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
              retrain_epochs: int | None, n_batches: int, heads: str, depgraph_train: str,
              depgraph_lr: float | None, throughput_batch: int | None, out) -> dict:  # fmt: skip
     task_retrained = "retrain" in record.stages
+    if exp.task.dense and retrain_epochs is not None and record.retrain_strategy == "distill":
+        raise ConfigError(f"the distill retraining strategy matches a classifier's logits; the {exp.task.name} "
+                          "task cannot retrain with it")  # fmt: skip
     num_blocks, depth = record.num_blocks, int(record.depth)
     depths = sorted(set(depths) | {depth}) if depths is not None else default_depths(depth, num_blocks)
     if any(not 1 <= d <= num_blocks for d in depths):
@@ -410,7 +424,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
                  depgraph(ratio_speed, f"DepGraph magnitude =speed r={ratio_speed:.2f}", "throughput", "magnitude")]
     candidates += [by_params, by_speed, *magnitude, *grid]
 
-    log("measuring every model: throughput in one run, then test accuracy")
+    log(f"measuring every model: throughput in one run, then test {exp.task.metric}")
     rows = _rows(candidates, exp, batch_size=batch_size)
     named = {row["model"]: row for row in rows}
     fair, task_row = named[sls_fair.name], named[sls_task.name]
@@ -451,7 +465,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
         "out": str(out),
         "rows": rows,
         "summary": summary,
-        "settings": {"ratios": ratios, "depths": depths, "retrain_epochs": retrain_epochs, "n_batches": n_batches,
+        "settings": {"metric": exp.task.metric, "ratios": ratios, "depths": depths, "retrain_epochs": retrain_epochs, "n_batches": n_batches,
                      "throughput_batch": batch_size, "img_size": img_size, "threads": torch.get_num_threads(),
                      "device": str(exp.runtime.device), "amp": exp.runtime.amp,
                      "task_retrain_epochs": record.retrain_epochs if task_retrained else None,
@@ -463,6 +477,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
     }
     write_text(out / "compare.csv", compare_csv(rows))
     plot_compare(out / "compare.png", rows, title=f"{record.backbone['model']} + {record.petl['method']} "
-                                                  f"on {exp.config.data}: SLS vs DepGraph")  # fmt: skip
+                                                  f"on {exp.config.data}: SLS vs DepGraph",
+                 metric=exp.task.metric)  # fmt: skip
     write_json(out / "compare.json", result)
     return result

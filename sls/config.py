@@ -81,7 +81,12 @@ class RunConfig:
     model_kwargs: dict = field(default_factory=dict, metadata=_opt(
         "extra timm.create_model argument, e.g. depth=6 (repeatable; stored in the record)", flag="--model-option"))
     data: str = field(default="mnist5k", metadata=_opt(
-        "mnist5k, fashion-mnist, digits, a VTAB-1k folder, an image-folder tree or a path,label CSV"))
+        "mnist5k, fashion-mnist, digits, a VTAB-1k folder, an image-folder tree or a path,label CSV; for the dense "
+        "tasks mnist-scenes, or an ADE20K, VOC2012, COCO or images/ + masks/ folder"))
+    task: str = field(default="classification", metadata=_opt(
+        "what the model predicts: a label per image, per pixel or boxes", choices="tasks"))
+    task_options: dict = field(default_factory=dict, metadata=_opt(
+        "task option, e.g. detector=retinanet or channels=128 (detection) (repeatable)", flag="--task-option"))
     petl: str = field(default="lora", metadata=_opt("PETL method", names="petl"))
     petl_options: dict = field(default_factory=dict, metadata=_opt(
         "PETL hyper-parameter, e.g. r=16 (repeatable)", flag="--petl-option"))
@@ -190,6 +195,12 @@ class RunConfig:
                 raise ConfigError(f"alpha must be a finite number >= 0, got {alpha}")
         create_strategy(self.retrain_strategy, **self.retrain_options)
         create_petl(self.petl, **self.petl_options)
+        from sls.tasks import get_task
+
+        task = get_task(self.task, **self.task_options)
+        if task.dense and self.retrain and self.retrain_strategy == "distill":
+            raise ConfigError(f"the distill retraining strategy matches a classifier's logits; the {self.task} task "
+                              "retrains with clr, ft or tfs")  # fmt: skip
         if self.max_drop is not None:
             if not math.isfinite(self.max_drop) or self.max_drop < 0:
                 raise ConfigError(f"--max-drop must be a number of points >= 0, got {self.max_drop}")
@@ -318,11 +329,12 @@ def auto_epochs(n_train: int, batch_size: int) -> int:
     return int(min(high, max(low, math.ceil(MIN_STEPS / steps))))
 
 
-def resolve(config: RunConfig, *, embedded_data: bool, pretrained_size: int, n_train: int) -> dict:
+def resolve(config: RunConfig, *, embedded_data: bool, pretrained_size: int, n_train: int,
+            demo_img_size: int = DEMO_IMG_SIZE) -> dict:  # fmt: skip
     """The values of the settings left to the data (None), as used by the run.
 
     - ``img_size``: :data:`DEMO_IMG_SIZE` for the embedded demo sets on the embedded
-      model (whole 14 px patches), else the model's pretrained input size capped at
+      model (whole 14 px patches; ``demo_img_size`` for the scenes of the dense tasks), else the model's pretrained input size capped at
       :data:`MAX_AUTO_IMG_SIZE`;
     - ``epochs``: :func:`auto_epochs` of the training split at ``batch_size``;
     - ``retrain_epochs``: the fine-tuning's epochs.
@@ -330,7 +342,7 @@ def resolve(config: RunConfig, *, embedded_data: bool, pretrained_size: int, n_t
     img_size = config.img_size
     if img_size is None:
         demo = embedded_data and config.model.startswith("embedded-")
-        img_size = DEMO_IMG_SIZE if demo else min(int(pretrained_size), MAX_AUTO_IMG_SIZE)
+        img_size = demo_img_size if demo else min(int(pretrained_size), MAX_AUTO_IMG_SIZE)
     epochs = config.epochs if config.epochs is not None else auto_epochs(n_train, config.batch_size)
     retrain_epochs = config.retrain_epochs if config.retrain_epochs is not None else epochs
     resolved = {"img_size": int(img_size), "epochs": int(epochs), "retrain_epochs": int(retrain_epochs)}

@@ -27,21 +27,14 @@ from torch.utils.data import DataLoader
 from sls._rng import seeded
 from sls.artifact import check_fingerprint, load_tensors, record_weights
 from sls.backbones import BackboneInfo, create_backbone, pretrained_input_size, truncate
-from sls.config import RunConfig, resolve
-from sls.data import (
-    EMBEDDED_DATASETS,
-    ImageDataset,
-    ImageSource,
-    Splits,
-    load_dataset,
-    make_splits,
-    make_transform,
-    stratified_subset,
-)
+from sls.config import DEMO_IMG_SIZE, RunConfig, resolve
+from sls.data import EMBEDDED_DATASETS, ImageSource, Splits, make_transform, stratified_subset
+from sls.data.dense import DENSE_EMBEDDED, SCENE_SIDE
 from sls.errors import ConfigError, DataError, ScoreError, TaskRecordError
 from sls.petl import PETLMethod, create_petl, petl_from_record
 from sls.record import TaskRecord, read_record
 from sls.runtime import Runtime
+from sls.tasks import TaskType, get_task
 
 EVAL_BATCH = 64
 
@@ -56,6 +49,7 @@ class Experiment:
     backbone: BackboneInfo
     petl: PETLMethod
     model: nn.Module
+    task: TaskType = field(default_factory=get_task)
     data: ImageSource | None = None
     splits: Splits | None = None
     train_loader: DataLoader | None = None
@@ -65,10 +59,22 @@ class Experiment:
     analysed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
     """The trainable tensors as initialised, before any training (the ``tfs`` strategy resets to them)."""
+    metrics: dict[str, dict] = field(default_factory=dict)
+    """Every metric of each :meth:`evaluate` so far, by its ``desc`` (the last one of each)."""
 
     def log(self, message: str) -> None:
         if self.config.progress:
             print(message)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, desc: str, *, progress: bool | None = None) -> dict:
+        """Every metric of the task on ``loader`` (the primary one under ``task.metric``)."""
+        progress = self.config.progress if progress is None else progress
+        self.metrics[desc] = self.task.evaluate(model, loader, desc=desc, progress=progress, runtime=self.runtime)
+        return self.metrics[desc]
+
+    def quality(self, model: nn.Module, loader: DataLoader, desc: str, *, progress: bool | None = None) -> float:
+        """The task's primary metric on ``loader`` (accuracy, mIoU, mAP), in [0, 1]."""
+        return float(self.evaluate(model, loader, desc, progress=progress)[self.task.metric])
 
     @property
     def epochs(self) -> int:
@@ -84,18 +90,21 @@ class Experiment:
         with a fresh head and PETL modules inserted (only they and the head train)."""
         config.validate()
         runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
-        data = load_dataset(config.data)
-        splits = make_splits(data, train_size=config.train_samples, test_size=config.test_samples)
-        resolved = resolve(config, embedded_data=config.data in EMBEDDED_DATASETS,
-                           pretrained_size=pretrained_input_size(config.model), n_train=len(splits.train))  # fmt: skip
-        model, backbone, petl, initial = _build_model(config, len(data.classes), config.model, config.weights,
+        task = get_task(config.task, **config.task_options)
+        data = task.load_data(config.data)
+        classes = task.classes(data)
+        splits = task.splits(data, train_size=config.train_samples, test_size=config.test_samples)
+        resolved = resolve(config, embedded_data=config.data in EMBEDDED_DATASETS or config.data in DENSE_EMBEDDED,
+                           pretrained_size=pretrained_input_size(config.model), n_train=len(splits.train),
+                           demo_img_size=SCENE_SIDE if task.dense else DEMO_IMG_SIZE)  # fmt: skip
+        model, backbone, petl, initial = _build_model(config, task, len(classes), config.model, config.weights,
                                                       resolved["img_size"], config.model_kwargs)  # fmt: skip
         if config.normalize == "imagenet":
             backbone = dataclasses.replace(backbone, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-        exp = cls(config, runtime, resolved, backbone, petl, runtime.place(model), initial_state=initial)
+        exp = cls(config, runtime, resolved, backbone, petl, runtime.place(model), task, initial_state=initial)
         exp._attach_data(data, splits)
-        exp.log(f"{backbone.model}: {backbone.num_blocks} blocks at {backbone.img_size}px; {config.data}: "
-                f"{len(splits.train)} train / {len(splits.test)} test images, {len(data.classes)} classes; "
+        exp.log(f"{backbone.model}: {backbone.num_blocks} blocks at {backbone.img_size}px; {config.data} "
+                f"({task.name}): {len(splits.train)} train / {len(splits.test)} test images, {len(classes)} classes; "
                 f"{exp.epochs} fine-tuning epoch(s) of {len(exp.train_loader)} steps on {runtime.device}")  # fmt: skip
         return exp
 
@@ -132,7 +141,8 @@ class Experiment:
         if "retrain_epochs" in (overrides or {}):  # a stage's own option wins over the recorded value
             resolved["retrain_epochs"] = overrides["retrain_epochs"] or resolved["epochs"]
         resolved.setdefault("retrain_epochs", config.retrain_epochs or resolved["epochs"])
-        model, backbone, petl, initial = _build_model(config, record.num_classes, saved["model"],
+        task = get_task(config.task, **config.task_options)
+        model, backbone, petl, initial = _build_model(config, task, record.num_classes, saved["model"],
                                                       weights or record_weights(record), int(saved["img_size"]),
                                                       saved.get("model_kwargs"), record.petl)  # fmt: skip
         check_fingerprint(backbone.fingerprint, record, task_dir, backbone.weights)
@@ -140,10 +150,10 @@ class Experiment:
                                        interpolation=saved.get("interpolation", backbone.interpolation))  # fmt: skip
         if tensors is not None:
             load_tensors(model, task_dir, record, tensors)
-        exp = cls(config, runtime, resolved, backbone, petl, runtime.place(model.eval()), initial_state=initial)
+        exp = cls(config, runtime, resolved, backbone, petl, runtime.place(model.eval()), task, initial_state=initial)
         if with_data:
-            data = load_dataset(config.data)
-            splits = make_splits(data, train_size=config.train_samples, test_size=config.test_samples)
+            data = task.load_data(config.data)
+            splits = task.splits(data, train_size=config.train_samples, test_size=config.test_samples)
             recorded = record.data.get("splits")
             if recorded is not None and splits.describe() != recorded:
                 raise DataError(f"the splits of {config.data} differ from those task {task_dir} was trained on; "
@@ -159,48 +169,46 @@ class Experiment:
         if config.depth is not None and not 1 <= config.depth <= backbone.num_blocks:
             raise ConfigError(f"--depth {config.depth} is out of range: the model has blocks 1..{backbone.num_blocks}")
         transform = make_transform(backbone.img_size, backbone.mean, backbone.std, backbone.interpolation)
-        skip = config.skip_bad_images
-        train_set = ImageDataset(data, splits.train, transform, skip_bad=skip)
-        test_set = ImageDataset(data, splits.test, transform, skip_bad=skip)
+        skip, task, size = config.skip_bad_images, self.task, backbone.img_size
+        train_set = task.dataset(data, splits.train, transform, size, skip_bad=skip)
+        test_set = task.dataset(data, splits.test, transform, size, skip_bad=skip)
         shuffled = torch.Generator().manual_seed(config.seed)
-        self.train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=shuffled)
+        self.train_loader = task.loader(train_set, batch_size=config.batch_size, shuffle=True, generator=shuffled)
         # The analysis pass sees every analysed training image once, in order, nothing dropped.
-        self.analysed = stratified_subset(train_set.indices, data.labels, config.analysis_samples)
-        self.analysis_loader = _in_order(ImageDataset(data, self.analysed, transform))
-        if config.criterion == "sls" and config.depth is None and len(self.analysed) <= 3 * config.perplexity:
+        self.analysed = task.analysed(data, train_set.indices, config.analysis_samples)
+        self.analysis_loader = task.loader(task.dataset(data, self.analysed, transform, size))
+        few = len(self.analysed) <= 3 * config.perplexity and not task.dense  # dense tasks score cells or boxes
+        if config.criterion == "sls" and config.depth is None and few:
             # Found now, not after the fine-tuning: t-SNE could not score the blocks.
             raise ScoreError(
                 f"t-SNE with perplexity {config.perplexity:g} needs more than {3 * config.perplexity:g} samples, "
                 f"got {len(self.analysed)} training images; use more images or a smaller perplexity"
             )
-        self.test_loader = _in_order(test_set)
+        self.test_loader = task.loader(test_set)
         skipped = train_set.skipped + test_set.skipped
         if len(splits.val):
-            val_set = ImageDataset(data, stratified_subset(splits.val, data.labels, config.val_samples), transform,
-                                   skip_bad=skip)  # fmt: skip
-            self.val_loader = _in_order(val_set)
+            val = splits.val if task.dense else stratified_subset(splits.val, data.labels, config.val_samples)
+            if task.dense and config.val_samples is not None:
+                val = val[: config.val_samples]
+            val_set = task.dataset(data, val, transform, size, skip_bad=skip)
+            self.val_loader = task.loader(val_set)
             skipped += val_set.skipped
         for item, reason in skipped:
             print(f"sls: skipped {data.item_name(item)}: {reason}")
         self.data, self.splits = data, splits
 
 
-def _in_order(dataset) -> DataLoader:
-    # A loader without a generator draws its workers' base seed from torch's global one at
-    # every pass; its own keeps the caller's generator untouched.
-    return DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False, generator=torch.Generator())
-
-
-def _build_model(config: RunConfig, num_classes: int, model_name: str, weights, img_size: int,
+def _build_model(config: RunConfig, task: TaskType, num_classes: int, model_name: str, weights, img_size: int,
                  model_kwargs: dict | None, petl: dict | None = None) -> tuple[nn.Module, BackboneInfo, PETLMethod, dict]:  # fmt: skip
-    """Backbone with a fresh head and the PETL modules, drawn from the run's seed; and
-    the trainable tensors as drawn."""
+    """Backbone with a fresh head and the PETL modules, drawn from the run's seed, in the
+    task's model; and the trainable tensors as drawn."""
     with seeded(config.seed):
-        model, backbone = create_backbone(model_name, num_classes=num_classes, weights=weights,
+        model, backbone = create_backbone(model_name, num_classes=task.backbone_classes(num_classes), weights=weights,
                                           img_size=img_size, drop_path_rate=config.drop_path,
                                           model_kwargs=model_kwargs)  # fmt: skip
         petl = create_petl(config.petl, **config.petl_options) if petl is None else petl_from_record(petl)
         petl.apply(model)
+        model = task.build_model(model, num_classes, img_size)
     initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     return model, backbone, petl, initial
 

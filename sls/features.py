@@ -72,6 +72,7 @@ def cached_block_features(
     cache: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    compute=block_features,
 ) -> tuple[BlockFeatures, bool]:
     """:func:`sls.backbones.block_features`, read from / written to the feature cache.
 
@@ -79,12 +80,14 @@ def cached_block_features(
         key_parts: what the loader's images are (dataset, split, indices hash, transform).
         cache: the cache folder (default: ``<sls cache>/features``).
         use_cache: False computes and stores nothing.
+        compute: ``(model, loader, progress=) -> BlockFeatures``: the task's features
+            (default: the pooled token of each block, classification's).
 
     Returns:
         the features, and whether they came from the cache.
     """
     if not use_cache:
-        return block_features(model, loader, progress=progress), False
+        return compute(model, loader, progress=progress), False
     folder = cache or features_dir()
     path = folder / f"{feature_key(model, **key_parts)}.npz"
     # In a process group the main process alone reads and writes the cache, and the
@@ -92,7 +95,7 @@ def cached_block_features(
     stored = distributed.run_on_main(_read_cached, path)
     if stored is not None:
         return stored, True
-    result = block_features(model, loader, progress=progress)
+    result = compute(model, loader, progress=progress)
     arrays = {f"block_{i}": f for i, f in enumerate(result.features)}
 
     def write(tmp: Path) -> None:

@@ -11,6 +11,7 @@ runs seeded from the run's seed and leaves the caller's generators as they were.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 
@@ -27,7 +28,7 @@ from sls.features import cached_block_features, feature_key_parts
 from sls.petl.merge import deployable_model
 from sls.retrain import create_strategy, search_depth, within_budget
 from sls.select import DepthSelector, criterion_options
-from sls.train import accuracy, train
+from sls.train import train
 
 NEAR_CHANCE = 0.1
 """A fine-tune is near chance when its accuracy is below chance + this share of the way to 100%."""
@@ -43,7 +44,7 @@ def _curve(exp: Experiment, model: nn.Module, rows: list[dict], desc: str):
     def after_epoch(epoch: int, loss: float) -> None:
         val = None
         if exp.val_loader is not None:
-            val = accuracy(model, exp.val_loader, desc=f"val {desc}", progress=False, runtime=exp.runtime)
+            val = exp.quality(model, exp.val_loader, f"val {desc}", progress=False)
         rows.append({"epoch": epoch, "loss": float(loss), "val_accuracy": val})
 
     return after_epoch
@@ -53,14 +54,14 @@ def finetune(exp: Experiment) -> tuple[float, list[dict]]:
     """Train the PETL modules and head with all N blocks.
 
     Returns:
-        the test accuracy, and the training curve (one row per epoch).
+        the test accuracy (the task's primary metric), and the training curve (one row per epoch).
     """
     cfg, rows = exp.config, []
     after_epoch = _curve(exp, exp.model, rows, "fine-tune")
     with seeded(cfg.seed):
         train(exp.model, exp.train_loader, epochs=exp.epochs, **cfg.schedule.train_kwargs(), desc="fine-tune",
               progress=cfg.progress, runtime=exp.runtime, after_epoch=after_epoch)  # fmt: skip
-    return accuracy(exp.model, exp.test_loader, desc="test full", progress=cfg.progress, runtime=exp.runtime), rows
+    return exp.quality(exp.model, exp.test_loader, "test full"), rows
 
 
 def check_finetune(curve: list[dict], test_accuracy: float, num_classes: int) -> dict:
@@ -91,8 +92,12 @@ def score_blocks(exp: Experiment, criterion: str | None = None) -> DepthSelector
     """One pass (cached) for every block's pooled feature, then scores, threshold and k."""
     cfg, bb = exp.config, exp.backbone
     key = feature_key_parts(exp.data, "train", exp.analysed, bb.img_size, bb.mean, bb.std, bb.interpolation)
+    compute = exp.task.block_features
+    if exp.task.dense:  # the cells or boxes scored: the task and their number are part of the key
+        key |= {"task": exp.task.name, "samples": cfg.analysis_samples}
+        compute = functools.partial(compute, samples=cfg.analysis_samples)
     analysis, _ = cached_block_features(exp.model, exp.analysis_loader, key_parts=key, use_cache=cfg.cache,
-                                       progress=cfg.progress)
+                                       progress=cfg.progress, compute=compute)
     # The run's t-SNE options reach its own criterion as given (one it does not take is
     # refused); another criterion (a study) gets those it takes. n_jobs=-1: blocks in parallel.
     options = {"tsne": cfg.tsne, "perplexity": cfg.perplexity, "n_jobs": -1, "progress": cfg.progress}
@@ -163,13 +168,13 @@ def budget_search(exp: Experiment, start: int) -> dict:
     if overlap:
         warnings.warn(f"{overlap} validation images are also training images (VTAB-1k trains on train800val200, "
                       "which holds val200): the accuracies that choose k are optimistic", stacklevel=2)  # fmt: skip
-    full = accuracy(exp.model, exp.val_loader, desc="val full", progress=cfg.progress, runtime=runtime)
+    full = exp.quality(exp.model, exp.val_loader, "val full")
 
     def evaluate(depth: int) -> float:
         pruned = prune(exp, depth)
         if cfg.retrain:
             retrain_pruned(exp, pruned, curve=False)
-        return accuracy(pruned, exp.val_loader, desc=f"val k={depth}", progress=cfg.progress, runtime=runtime)
+        return exp.quality(pruned, exp.val_loader, f"val k={depth}")
 
     search = search_depth(evaluate, start=start, n_blocks=n_blocks, full_accuracy=full, max_drop=cfg.max_drop)
     exp.log(f"--max-drop {cfg.max_drop:g}: k = {search.depth} after {search.evaluations} depth(s) tried from {start}")

@@ -110,6 +110,18 @@ RECIPES: dict[str, Recipe] = {
             settings=dict(img_size=84, train_samples=2000, test_samples=1000, epochs=2, retrain_epochs=2),
         ),
         Recipe(
+            name="demo-segmentation",
+            description="what sls demo --task segmentation runs: mnist-scenes at 112 px, 800 training and 200 test "
+            "scenes, 3 + 2 epochs, the linear head, AdamW 1e-3 (the head at 1e-2)",
+            settings=dict(task="segmentation", data="mnist-scenes", img_size=112, epochs=3, retrain_epochs=2, lr=1e-3),
+        ),
+        Recipe(
+            name="demo-detection",
+            description="what sls demo --task detection runs: mnist-scenes at 112 px, 800 training and 200 test "
+            "scenes, FCOS on a simple feature pyramid, 3 + 2 epochs, AdamW 1e-3 (the head at 1e-2)",
+            settings=dict(task="detection", data="mnist-scenes", img_size=112, epochs=3, retrain_epochs=2, lr=1e-3),
+        ),
+        Recipe(
             name="vtab",
             description="the paper's VTAB-1k recipe: 224 px, ImageNet normalisation, all images, AdamW 1e-3 "
             "(wd 1e-4), batch 64, 100 + 100 epochs, 10 warm-up, cosine to 1e-5, drop-path 0.1, seed 42; "
@@ -140,6 +152,11 @@ RECIPES: dict[str, Recipe] = {
         ),
     )
 }
+
+
+def demo_recipe(task: str) -> str:
+    """The recipe ``sls demo --task`` runs."""
+    return "demo" if task == "classification" else f"demo-{task}"
 
 
 def list_recipes() -> list[str]:

@@ -118,7 +118,10 @@ class TaskRecord:
             if name != "finetune_check":
                 setattr(self, name, None)
         self.training.pop("retrain", None)
-        self.results = {"accuracy": {"full": self.results["accuracy"].get("full")}}
+        kept = {"accuracy": {"full": self.results["accuracy"].get("full")}}
+        if "metric" in self.results:  # a dense task's full-model metrics stay with its fine-tune
+            kept |= {"metric": self.results["metric"], "metrics": {"full": self.results.get("metrics", {}).get("full")}}
+        self.results = kept
 
     def to_dict(self) -> dict:
         """The JSON layout of ``record.json`` (format 3)."""

@@ -132,8 +132,9 @@ def annotate_apart(ax, points: list[tuple[float, float, str]], *, fontsize: floa
     return labels
 
 
-def plot_compare(path: str | Path, rows: list[dict], *, title: str = "") -> Path:
-    """Test accuracy against measured throughput, one labelled point per model of
+def plot_compare(path: str | Path, rows: list[dict], *, title: str = "", metric: str = "accuracy") -> Path:
+    """The test ``metric`` (the task's: accuracy, mIoU, mAP; each row's ``accuracy``)
+    against measured throughput, one labelled point per model of
     :func:`sls.compare.compare`; filled markers were retrained after pruning, hollow ones not."""
     fig, ax = _pyplot().subplots(figsize=(7.2, 4.6), dpi=120)
     for method, (color, marker, label) in _COMPARE_STYLES.items():
@@ -144,7 +145,7 @@ def plot_compare(path: str | Path, rows: list[dict], *, title: str = "") -> Path
                        s=36, label=label if i == 0 else None)  # fmt: skip
     annotate_apart(ax, [(row["throughput"], 100 * row["accuracy"], row["model"]) for row in rows])
     ax.set_xlabel("throughput (images/s, deployable models, one timing run)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {metric} (%)")
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -226,12 +227,17 @@ def summary_rows(record: dict) -> list[tuple[str, str, str]]:
     rows = [
         ("blocks", str(n_blocks), f"{depth}  ({chosen})"),
         ("parameters", f"{res['parameters']['full'] / 1e6:.2f} M", f"{res['parameters']['pruned'] / 1e6:.2f} M"),
-        ("test accuracy", f"{100 * res['accuracy']['full']:.1f}%", f"{100 * res['accuracy']['pruned_no_retrain']:.1f}% before retraining"),
+        (f"test {metric_name(record)}", f"{100 * res['accuracy']['full']:.1f}%", f"{100 * res['accuracy']['pruned_no_retrain']:.1f}% before retraining"),
     ]
     if res["accuracy"].get("pruned_retrained") is not None:
         strategy = record.get("retrain_strategy")
         how = f" ({strategy}, {record['retrain_epochs']} epoch(s))" if strategy else ""
         rows.append(("", "", f"{100 * res['accuracy']['pruned_retrained']:.1f}% after retraining{how}"))
+    metrics = res.get("metrics", {})
+    after = metrics.get("pruned_retrained") or metrics.get("pruned_no_retrain") or {}
+    for key, label in (("mAP50", "test mAP@50"), ("pixel_accuracy", "test pixel accuracy")):
+        if key in (metrics.get("full") or {}):
+            rows.append((label, f"{100 * metrics['full'][key]:.1f}%", f"{100 * after[key]:.1f}%" if key in after else ""))
     per_seed = record.get("depths_per_seed", [])
     if len(per_seed) > 1:
         rows.insert(1, (f"k over {len(per_seed)} t-SNE starts", "", depth_distribution(per_seed)))
@@ -264,6 +270,11 @@ def summary_rows(record: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def metric_name(record: dict) -> str:
+    """What ``results.accuracy`` holds: the task's primary metric (accuracy for classification)."""
+    return record.get("results", {}).get("metric", "accuracy")
+
+
 def data_line(record: dict) -> str:
     """``"2000 train / 1000 test images at 84 px; fine-tune 2 epochs (126 steps), retrain 2"``."""
     splits = record.get("data", {}).get("splits", {})
@@ -290,8 +301,8 @@ def run_notes(record: dict) -> list[str]:
     return []
 
 
-def plot_training(path: str | Path, training: dict, *, title: str = "") -> Path:
-    """Loss (left) and validation accuracy (right) per epoch of each training stage."""
+def plot_training(path: str | Path, training: dict, *, title: str = "", metric: str = "accuracy") -> Path:
+    """Loss (left) and the validation ``metric`` (right) per epoch of each training stage."""
     fig, (loss_ax, acc_ax) = _pyplot().subplots(1, 2, figsize=(8.4, 3.4), dpi=110)
     for stage, rows in training.items():
         epochs = [row["epoch"] for row in rows]
@@ -302,7 +313,7 @@ def plot_training(path: str | Path, training: dict, *, title: str = "") -> Path:
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("mean training loss")
     acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("validation accuracy (%)")
+    acc_ax.set_ylabel(f"validation {metric} (%)")
     if not acc_ax.lines:
         acc_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=acc_ax.transAxes)
     from matplotlib.ticker import MaxNLocator

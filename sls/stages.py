@@ -36,7 +36,6 @@ from sls.experiment import Experiment, pruned_model
 from sls.petl.merge import deployable_model
 from sls.pipeline import (
     budget_search,
-    check_finetune,
     decisions_per_alpha,
     finetune,
     prune,
@@ -47,7 +46,7 @@ from sls.record import RECORD_FILE, TaskRecord, read_record
 from sls.report import plot_budget, plot_scores, plot_training, write_scores_csv
 from sls.retrain import create_strategy
 from sls.runtime import Runtime
-from sls.train import accuracy
+from sls.tasks.render import plot_predictions
 
 STAGES = ("finetune", "prune", "retrain", "evaluate")
 STAGE_SETTINGS = {
@@ -108,7 +107,8 @@ def render_views(task_dir: Path, record: TaskRecord) -> None:
     title = f"{record.backbone['model']} + {record.petl['method']} on {record.config.data}"
     write_text(task_dir / CONFIG_FILE, config_yaml(record.config, record.resolved))
     if record.training:
-        plot_training(task_dir / "training.png", record.training, title=title)
+        plot_training(task_dir / "training.png", record.training, title=title,
+                      metric=record.results.get("metric", "accuracy"))
     if record.scores is not None:
         write_scores_csv(task_dir / "scores.csv", record.scores, record.threshold, record.depth)
         plot_scores(task_dir / "scores.png", record.scores, record.threshold, record.depth,
@@ -163,14 +163,15 @@ def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None) -> Task
 def _finetune(config: RunConfig, out: Path, runtime: Runtime | None, started: float) -> TaskRecord:
     exp = Experiment.from_config(config, runtime)
     full, curve = finetune(exp)
-    check = check_finetune(curve, full, len(exp.data.classes))
+    classes = exp.task.classes(exp.data)
+    check = exp.task.check_finetune(curve, full, len(classes))
     if not check["ok"]:
         exp.log(f"sls: warning: the fine-tune looks failed: {'; '.join(check['problems'])}")
     splits = exp.splits
     record = TaskRecord(
         backbone=exp.backbone.to_dict(), petl={"method": exp.petl.name, "hparams": exp.petl.hparams},
-        num_classes=len(exp.data.classes), depth=exp.backbone.num_blocks,
-        config=dataclasses.replace(config, out=str(out)), classes=list(exp.data.classes), seed=config.seed,
+        num_classes=len(classes), depth=exp.backbone.num_blocks,
+        config=dataclasses.replace(config, out=str(out)), classes=classes, seed=config.seed,
         data={"name": config.data, "source": exp.data.source, "splits": splits.describe(),
               "analysed_train_samples": int(len(exp.analysed)),
               "val_samples": int(len(exp.val_loader.dataset)) if exp.val_loader is not None else 0,
@@ -179,7 +180,8 @@ def _finetune(config: RunConfig, out: Path, runtime: Runtime | None, started: fl
                                   "val_samples)", "test": "every reported accuracy"},
               "split_rule": ("the dataset's own splits" if exp.data.splits is not None else
                              "stratified, seed 0: 20% test, 10% val, rest train") + "; then stratified subsets"},
-        stages=["finetune"], results={"accuracy": {"full": full}}, resolved=dict(exp.resolved),
+        stages=["finetune"], results={"accuracy": {"full": full}, **_dense_metrics(exp, "full", "test full")},
+        resolved=dict(exp.resolved),
         training={"finetune": curve}, finetune_check=check, sls_version=__version__,
     )  # fmt: skip
     _ran(record, exp, "finetune", started)
@@ -229,8 +231,8 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
     record.depth, record.stages = int(k), ["finetune", "prune"]
     record.data["analysed_train_samples"] = int(len(exp.analysed))
     record.data["val_samples"] = int(len(exp.val_loader.dataset)) if exp.val_loader is not None else 0
-    record.results["accuracy"]["pruned_no_retrain"] = accuracy(pruned, exp.test_loader, desc="test pruned",
-                                                               progress=progress, runtime=exp.runtime)  # fmt: skip
+    record.results["accuracy"]["pruned_no_retrain"] = exp.quality(pruned, exp.test_loader, "test pruned")
+    _merge_metrics(record, _dense_metrics(exp, "pruned_no_retrain", "test pruned"))
     _ran(record, exp, "prune", started)
     _save(task_dir, pruned, record)
     return record
@@ -276,8 +278,8 @@ def stage_evaluate(task_dir: str | Path, *, progress: bool = True, runtime: Runt
     pruned = pruned_model(exp, record, task_dir)
     cfg, results = exp.config, record.results
     key = "pruned_retrained" if "retrain" in record.stages else "pruned_no_retrain"
-    results["accuracy"][key] = accuracy(pruned, exp.test_loader, desc="test task", progress=progress,
-                                        runtime=exp.runtime)  # fmt: skip
+    results["accuracy"][key] = exp.quality(pruned, exp.test_loader, "test task")
+    _merge_metrics(record, _dense_metrics(exp, key, "test task"))
     results["accuracy"].setdefault("pruned_retrained", None)
     # The models as deployed (LoRA and RepAdapter folded), timed and counted by one function.
     deployed = {"full": deployable_model(exp.model), "pruned": deployable_model(pruned)}
@@ -295,7 +297,24 @@ def stage_evaluate(task_dir: str | Path, *, progress: bool = True, runtime: Runt
     record.stages = [*[s for s in record.stages if s != "evaluate"], "evaluate"]
     _ran(record, exp, "evaluate", started)
     _save(task_dir, pruned, record)
+    if exp.task.dense:  # a picture of the task's predictions on the first test images
+        distributed.run_on_main(plot_predictions, task_dir / "predictions.png", exp.task, pruned,
+                                exp.test_loader.dataset, record.classes)  # fmt: skip
     return record
+
+
+def _dense_metrics(exp: Experiment, key: str, desc: str) -> dict:
+    """A dense task's every metric of the evaluation ``desc`` as ``results`` entries
+    (``metric``: what ``results.accuracy`` holds; ``metrics``: all of them); none for classification."""
+    if not exp.task.dense:
+        return {}
+    return {"metric": exp.task.metric, "metrics": {key: exp.metrics[desc]}}
+
+
+def _merge_metrics(record: TaskRecord, entries: dict) -> None:
+    if entries:
+        record.results["metric"] = entries["metric"]
+        record.results.setdefault("metrics", {}).update(entries["metrics"])
 
 
 def _recover(task_dir: Path, record: TaskRecord) -> None:

@@ -17,6 +17,17 @@ from sls.errors import ConfigError
 from sls.runtime import Runtime, model_device
 
 
+def to_device(targets, device: torch.device):
+    """A batch's targets (a tensor, or a list of dicts of tensors) on ``device``."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device)
+    if isinstance(targets, (list, tuple)):
+        return [to_device(t, device) for t in targets]
+    if isinstance(targets, dict):
+        return {key: to_device(value, device) for key, value in targets.items()}
+    return torch.as_tensor(targets).to(device)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The optimiser settings of a run: AdamW at peak rate ``lr``, a linear warm-up over
@@ -31,6 +42,21 @@ class Schedule:
     def train_kwargs(self) -> dict:
         """The keyword arguments of :func:`train` that this schedule sets."""
         return dict(lr=self.lr, weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs, min_lr=self.min_lr)
+
+
+def parameter_groups(model: nn.Module, lr: float) -> list[dict]:
+    """The trainable parameters as optimiser groups: one at ``lr``, and for a model with a
+    ``head_lr_scale`` (a dense task's) its head's at ``lr * head_lr_scale``. A fresh dense
+    head learns at the rate of a linear probe, while the PETL modules inside the frozen
+    blocks, at that rate, drive every patch to the background class (measured on
+    mnist-scenes: BENCHMARKS.md)."""
+    scale = getattr(model, "head_lr_scale", None)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not scale:
+        return [{"params": [p for _, p in trainable]}]
+    head = [p for name, p in trainable if name.startswith("head.")]
+    rest = [p for name, p in trainable if not name.startswith("head.")]
+    return [group for group in ({"params": rest}, {"params": head, "lr": lr * scale}) if group["params"]]
 
 
 def cosine_schedule(
@@ -114,13 +140,17 @@ def train(
     loader = distributed.shuffled_shard(loader)
     net = distributed.data_parallel(model)
     scaler = runtime.grad_scaler(device)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, lr), lr=lr, weight_decay=weight_decay)
     total = epochs * len(loader)
     scheduler = None
     if schedule == "cosine":
         scheduler = cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=len(loader),
                                     warmup_epochs=warmup_epochs, min_lr=min_lr)  # fmt: skip
-    if objective is None:
+    if objective is None and getattr(model, "is_dense_model", False):
+
+        def objective(images: torch.Tensor, targets) -> torch.Tensor:  # a dense model computes its own loss
+            return net(images, targets)
+    elif objective is None:
         cross_entropy = nn.CrossEntropyLoss()
 
         def objective(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -133,7 +163,7 @@ def train(
             distributed.set_epoch(loader, epoch)
             running, seen = 0.0, 0
             for images, targets in loader:
-                images, targets = runtime.inputs(images, device), torch.as_tensor(targets).to(device)
+                images, targets = runtime.inputs(images, device), to_device(targets, device)
                 with runtime.autocast(device):
                     loss = objective(images, targets)
                 optimizer.zero_grad(set_to_none=True)

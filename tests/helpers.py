@@ -51,3 +51,34 @@ def loader_of(images: torch.Tensor, batch_size: int = 4) -> DataLoader:
     """The images in order, labelled 0, 1, 2, 0, ..."""
     labels = torch.arange(len(images)) % 3
     return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+
+
+def tiny_scenes(n: int = 12, side: int = 64, seed: int = 0):
+    """Composed scenes of 1-3 blocky 'digits' of 3 classes on a 64 px canvas; the last 4 the test split."""
+    from sls.data.dense import MnistScenes
+    from sls.data.scenes import compose_scenes
+
+    rng = np.random.default_rng(seed)
+    digits = np.zeros((30, 28, 28), dtype=np.uint8)
+    for i, d in enumerate(digits):  # blocky "digits": a filled rectangle each, of varying size
+        h, w = rng.integers(10, 24, size=2)
+        d[(28 - h) // 2 : (28 + h) // 2, (28 - w) // 2 : (28 + w) // 2] = 255
+    labels = np.arange(30) % 3
+    scenes = compose_scenes(digits, labels, n, side=side, digits_per_scene=(1, 3), scales=(16, 24), seed=seed,
+                            classes=["a", "b", "c"])  # fmt: skip
+    splits = {"train": np.arange(n - 4), "val": np.arange(0), "test": np.arange(n - 4, n)}
+    return MnistScenes(scenes, splits, "tiny")
+
+
+def tiny_dense_model(task: str, img_size: int = 64, depth: int = 4, **options):
+    """A 4-block random ViT-Tiny/16 with LoRA in the task's model (4 segmentation classes, 3 detection)."""
+    from sls.backbones import create_backbone
+    from sls.petl import create_petl
+    from sls.tasks import get_task
+
+    torch.manual_seed(0)
+    encoder, info = create_backbone("vit_tiny_patch16_224", num_classes=0, img_size=img_size, weights="random",
+                                    model_kwargs={"depth": depth})  # fmt: skip
+    create_petl("lora").apply(encoder)
+    kind = get_task(task, **options)
+    return kind, kind.build_model(encoder, 4 if task == "segmentation" else 3, img_size), info

@@ -210,6 +210,7 @@ def _check_patch_grid(model: nn.Module, timm_name: str) -> None:
 
 def all_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's transformer blocks, bottom-up (across the stages for Swin)."""
+    model = encoder_of(model)
     return list(_FAMILIES[_family(model)].blocks(model))
 
 
@@ -473,8 +474,14 @@ def create_backbone(
     return net, info
 
 
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The timm model inside a task's model (a dense task's ``encoder``), else the model itself."""
+    return model.encoder if getattr(model, "is_dense_model", False) else model
+
+
 def num_blocks(model: nn.Module) -> int:
     """Number of transformer blocks the model has now."""
+    model = encoder_of(model)
     return len(_FAMILIES[_family(model)].blocks(model))
 
 
@@ -488,7 +495,11 @@ def truncate(model: nn.Module, depth: int) -> nn.Module:
     total = num_blocks(model)
     if not 1 <= depth <= total:
         raise ConfigError(f"depth k={depth} is out of range: the model has blocks 1..{total}")
-    return _FAMILIES[_family(model)].truncate(model, depth)
+    encoder = encoder_of(model)
+    _FAMILIES[_family(encoder)].truncate(encoder, depth)
+    if encoder is not model:
+        model.after_truncate()  # a dense head reading a narrower map is rebuilt
+    return model
 
 
 class BlockFeatures(NamedTuple):

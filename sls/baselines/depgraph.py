@@ -35,6 +35,13 @@ PETL modules:
 
 Other PETL methods are refused (:class:`~sls.errors.ConfigError`).
 
+A dense task's model (:class:`~sls.tasks.dense.DenseModel`: a timm ViT ``encoder`` without
+a classifier, and a task ``head``) is pruned through its encoder: torch-pruning traces
+the encoder alone, the Taylor gradients come from the dense model's own loss
+(``model(images, targets)``; the head's BatchNorm statistics stay as they are), and the
+head's inputs are then narrowed to the residual channels the encoder kept
+(``model.narrow_inputs``). The head's own widths are kept.
+
 torch-pruning is an optional dependency: ``pip install torch-pruning``.
 """
 
@@ -68,17 +75,40 @@ def _torch_pruning():
     return torch_pruning
 
 
-def _first_batches(loader: DataLoader, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _first_batches(loader: DataLoader, n_batches: int) -> list[tuple[torch.Tensor, object]]:
     if n_batches < 1:
         raise ConfigError(f"n_batches must be >= 1, got {n_batches}")
     batches = []
     for images, targets in loader:
-        batches.append((images, torch.as_tensor(targets)))
+        # A detection batch's targets are one {"boxes", "labels"} dict per image: kept as they are.
+        batches.append((images, targets if isinstance(targets, (list, tuple)) else torch.as_tensor(targets)))
         if len(batches) == n_batches:
             break
     if not batches:
         raise DataError("the example loader yields no batch; DepGraph needs a few labelled batches")
     return batches
+
+
+def _to_device(targets, device: torch.device):
+    """Labels or masks (a tensor), or detection targets (a list of dicts of tensors), on ``device``."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device)
+    return [{key: value.to(device) for key, value in target.items()} for target in targets]
+
+
+def _is_dense(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_dense_model", False))
+
+
+def _loss_mode(model: nn.Module) -> None:
+    """A dense model set to give its training loss without changing anything: its head
+    in training mode (a torchvision detector computes its losses only then), every
+    BatchNorm kept on its running statistics, the encoder in eval mode (no dropout)."""
+    model.eval()
+    model.head.train()
+    for module in model.head.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _check_ratio(ratio: float) -> None:
@@ -195,7 +225,7 @@ def _group_ratios(model: nn.Module, ratio: float, round_to: int | None, heads: s
 
 def _prune(
     model: nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, object]],
     *,
     ratio: float,
     round_to: int | None,
@@ -203,43 +233,60 @@ def _prune(
     heads: str = "dims",
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Prune a merged copy of ``model``; returns it and, per pruned group, the indices
-    of the channels it kept (named by the group's root layer)."""
+    of the channels it kept (named by the group's root layer).
+
+    A dense model (:class:`~sls.tasks.dense.DenseModel`) is pruned through its encoder:
+    the graph is traced on the encoder alone (its timm head is an Identity), the Taylor
+    gradients come from the dense model's own loss, and the task head's inputs are then
+    narrowed to the residual channels the encoder kept (``narrow_inputs``)."""
     if importance not in IMPORTANCES:
         raise ConfigError(f"unknown DepGraph importance {importance!r}; choose one of: {', '.join(IMPORTANCES)}")
     if heads not in HEAD_MODES:
         raise ConfigError(f"unknown DepGraph head mode {heads!r}; choose one of: {', '.join(HEAD_MODES)}")
     tp = _torch_pruning()
+    dense = _is_dense(model)
+    if dense and not hasattr(model, "narrow_inputs"):
+        raise ConfigError(f"depgraph_prune cannot narrow the head of a {type(model).__name__}")
     pruned = merge_for_inference(model)
-    _check_supported(pruned)
+    net = pruned.encoder if dense else pruned  # what torch-pruning traces and prunes
+    _check_supported(net)
     trainable = {name: param.requires_grad for name, param in pruned.named_parameters()}
     device = next(pruned.parameters()).device
-    attentions = _attentions(pruned)
+    attentions = _attentions(net)
     head_dims = [attn.head_dim for attn in attentions]
     names = {module: name for name, module in pruned.named_modules()}
     # torch-pruning traces the graph through autograd: every parameter must require grad.
-    for param in pruned.parameters():
+    for param in net.parameters():
         param.requires_grad_(True)
     taylor = importance == "taylor"
-    residual_ratio, per_layer, head_ratio = _group_ratios(pruned, ratio, round_to, heads)
+    residual_ratio, per_layer, head_ratio = _group_ratios(net, ratio, round_to, heads)
+    embed = net.patch_embed.proj  # its output channels are the residual stream's
+    width_before = embed.out_channels
     pruner = tp.pruner.MetaPruner(
-        pruned,
+        net,
         batches[0][0][:1].to(device),
         importance=tp.importance.GroupTaylorImportance() if taylor else tp.importance.GroupMagnitudeImportance(),
         pruning_ratio=residual_ratio,
         pruning_ratio_dict=per_layer,
         round_to=None,  # the widths are rounded by the ratios above, to the nearest multiple
-        ignored_layers=_ignored_layers(pruned),
+        ignored_layers=_ignored_layers(net),
         num_heads={attn.qkv: attn.num_heads for attn in attentions},
         prune_head_dims=heads == "dims",
         prune_num_heads=heads == "whole",
         head_pruning_ratio=head_ratio,
-        unwrapped_parameters=_unwrapped_parameters(pruned),
+        unwrapped_parameters=_unwrapped_parameters(net),
     )
     if taylor:
         pruned.zero_grad(set_to_none=True)
+        if dense:
+            _loss_mode(pruned)
         for images, targets in batches:
-            F.cross_entropy(pruned(images.to(device)), targets.to(device)).backward()
+            images, targets = images.to(device), _to_device(targets, device)
+            loss = pruned(images, targets) if dense else F.cross_entropy(pruned(images), targets)
+            loss.backward()
+        pruned.eval()
     kept: dict[str, torch.Tensor] = {}
+    residual = torch.arange(width_before)  # the residual channels kept (all, unless a group prunes them)
     for group in pruner.step(interactive=True):
         dep, removed = group[0]
         removed = [int(getattr(index, "idx", index)) for index in removed]  # torch-pruning's _HybridIndex
@@ -250,11 +297,20 @@ def _prune(
             mask = torch.ones(channels, dtype=torch.bool)
             mask[torch.as_tensor(removed, dtype=torch.long)] = False
             kept[names.get(root, type(root).__name__)] = mask.nonzero().view(-1).to(torch.int32)
+        for item_dep, item_removed in group:  # the residual group: the one pruning the patch embedding's outputs
+            if item_dep.target.module is embed and pruner.DG.is_out_channel_pruning_fn(item_dep.handler):
+                mask = torch.ones(width_before, dtype=torch.bool)
+                mask[torch.as_tensor([int(getattr(i, "idx", i)) for i in item_removed], dtype=torch.long)] = False
+                residual = mask.nonzero().view(-1)
         group.prune()
     for attn, head_dim_before in zip(attentions, head_dims):
         _finish_attention(attn, pruner.num_heads[attn.qkv], head_dim_before)
-    width = pruned.patch_embed.proj.out_channels
-    pruned.embed_dim = pruned.num_features = pruned.head_hidden_size = width
+    width = net.patch_embed.proj.out_channels
+    if len(residual) != width:
+        raise RuntimeError(f"DepGraph kept {width} residual channels but {len(residual)} were found")
+    net.embed_dim = net.num_features = net.head_hidden_size = width
+    if dense:
+        pruned.narrow_inputs(residual)
     for name, param in pruned.named_parameters():
         param.grad = None
         param.requires_grad_(trainable[name])
@@ -275,9 +331,10 @@ def depgraph_prune(
     """A copy of ``model`` with a fraction ``ratio`` of its channels removed by DepGraph.
 
     Args:
-        model: a timm ViT, plain or with LoRA or adapters applied; left untouched.
+        model: a timm ViT, plain or with LoRA or adapters applied, or a dense task's
+            model around one (its encoder pruned, its head's inputs narrowed); left untouched.
         example_loader: labelled batches; the first ``n_batches`` give the Taylor
-            importance (their summed cross-entropy gradients).
+            importance (their summed cross-entropy gradients; a dense model's own loss).
         ratio: fraction of the channels removed from every group, in [0, 1).
             Layers lose inputs and outputs, so the parameters drop by about
             ``1 - (1 - ratio)**2``.

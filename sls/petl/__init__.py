@@ -129,8 +129,13 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The per-task tensors: every trainable parameter (PETL modules and head, and the
-    fresh final norm of a Swin cut before its last stage)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    fresh final norm of a Swin cut before its last stage), and the buffers of a dense
+    task's head (a BatchNorm's running statistics; ``model.task_buffer_prefixes``)."""
+    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    prefixes = getattr(model, "task_buffer_prefixes", ())
+    if prefixes:
+        state |= {n: b.detach().cpu().contiguous() for n, b in model.named_buffers() if n.startswith(prefixes)}
+    return state
 
 
 # Importing the modules registers the methods.
