@@ -124,7 +124,7 @@ def _finetune(args: argparse.Namespace) -> int:
             return 0
     for line in run_notes(record.to_dict()):
         print(line)
-    print(f"fine-tuned: test accuracy {100 * record.results['accuracy']['full']:.1f}% with all "
+    print(f"fine-tuned: test {record.results.get('metric', 'accuracy')} {100 * record.results['accuracy']['full']:.1f}% with all "
           f"{record.num_blocks} blocks; next: sls prune {record.config.out}")
     return 0
 
@@ -157,7 +157,7 @@ def _prune(args: argparse.Namespace) -> int:
               f"{search['val_images']} validation images; tried {tried}; k = {search['chosen_depth']} "
               f"(SLS's k = {search['start_depth']}); plot: {args.task}/budget.png")  # fmt: skip
     summary = record.to_dict()
-    print(f"{scores_line(summary)}; test accuracy before retraining "
+    print(f"{scores_line(summary)}; test {summary['results'].get('metric', 'accuracy')} before retraining "
           f"{100 * record.results['accuracy']['pruned_no_retrain']:.1f}%; next: sls retrain {args.task}")
     for line in selection_notes(summary):
         print(line)
@@ -192,7 +192,8 @@ def _show(args: argparse.Namespace) -> int:
         accuracies = ", ".join(f"{name.replace('_', ' ')} {100 * value:.1f}%"
                                for name, value in record.results.get("accuracy", {}).items() if value is not None)  # fmt: skip
         print(f"{args.task}: {record.backbone['model']} + {record.petl['method']} on {record.config.data}; "
-              f"stages done: {', '.join(record.stages) or 'none'}; test accuracy: {accuracies or 'not measured'}")  # fmt: skip
+              f"stages done: {', '.join(record.stages) or 'none'}; test {record.results.get('metric', 'accuracy')}: "
+              f"{accuracies or 'not measured'}")  # fmt: skip
         if record.stages and record.stages[-1] in STAGES[:-1]:
             print(f"next: sls {STAGES[STAGES.index(record.stages[-1]) + 1]} {args.task}")
     if record.scores is not None:
@@ -341,7 +342,7 @@ def _compare(args: argparse.Namespace) -> int:
     summary = result["summary"]
     table = Table(title=f"SLS (k = {summary['depth']} of {summary['num_blocks']} blocks) against DepGraph, "
                         f"batch {result['settings']['throughput_batch']}")  # fmt: skip
-    for column in ("model", "retrained", "test accuracy", "img/s", "speed-up", "batch 1", "p50 ms", "GFLOPs",
+    for column in ("model", "retrained", f"test {result['settings'].get('metric', 'accuracy')}", "img/s", "speed-up", "batch 1", "p50 ms", "GFLOPs",
                    "parameters", "storage: whole", "storage: indices"):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in result["rows"]:

@@ -465,7 +465,8 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
         "out": str(out),
         "rows": rows,
         "summary": summary,
-        "settings": {"metric": exp.task.metric, "ratios": ratios, "depths": depths, "retrain_epochs": retrain_epochs, "n_batches": n_batches,
+        "settings": {"metric": exp.task.metric,  # what each row's ``accuracy`` is: accuracy, mIoU, mAP
+                     "ratios": ratios, "depths": depths, "retrain_epochs": retrain_epochs, "n_batches": n_batches,
                      "throughput_batch": batch_size, "img_size": img_size, "threads": torch.get_num_threads(),
                      "device": str(exp.runtime.device), "amp": exp.runtime.amp,
                      "task_retrain_epochs": record.retrain_epochs if task_retrained else None,

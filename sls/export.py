@@ -138,7 +138,10 @@ def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: d
         return
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": example.cpu().numpy()})
-    if logits.shape != (example.shape[0], metadata["num_classes"]):
+    expected = (example.shape[0], metadata["num_classes"])
+    if metadata.get("task") == "segmentation":
+        expected = (*expected, *example.shape[-2:])
+    if logits.shape != expected:
         raise RuntimeError(f"the ONNX model at {path} gives logits of shape {logits.shape}")
 
 
@@ -174,8 +177,17 @@ def export_model(
     if format not in _WRITERS:
         raise ConfigError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
     merged = merge_for_inference(model)
-    side = _image_side(merged, img_size)
-    metadata = export_metadata(merged, side, model_kwargs)
+    dense = getattr(merged, "is_dense_model", False)
+    if dense and format != "safetensors" and getattr(merged, "detector", None):
+        raise ConfigError(f"a detection task exports as safetensors only: torchvision's {merged.detector} "
+                          "post-processing (score filter, NMS) does not trace to a fixed graph")  # fmt: skip
+    side = _image_side(merged.encoder if dense else merged, img_size)
+    metadata = export_metadata(merged.encoder if dense else merged, side, model_kwargs)
+    if dense:  # the encoder's timm architecture plus the task's head, which only sls builds
+        task = "detection" if getattr(merged, "detector", None) else "segmentation"
+        metadata.update(task=task, num_classes=int(merged.num_classes), loader="sls",
+                        outputs="logits (batch, classes, height, width)" if task == "segmentation" else
+                        "per image {boxes, scores, labels}")  # fmt: skip
     device = next(merged.parameters()).device
     # Values only matter for data-dependent branches, of which a ViT has none.
     example = torch.randn(1, 3, *side, generator=torch.Generator().manual_seed(0)).to(device)

@@ -72,7 +72,7 @@ def cached_block_features(
     cache: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
-    compute=block_features,
+    compute=None,
 ) -> tuple[BlockFeatures, bool]:
     """:func:`sls.backbones.block_features`, read from / written to the feature cache.
 
@@ -86,6 +86,7 @@ def cached_block_features(
     Returns:
         the features, and whether they came from the cache.
     """
+    compute = compute or block_features
     if not use_cache:
         return compute(model, loader, progress=progress), False
     folder = cache or features_dir()

@@ -82,3 +82,16 @@ def tiny_dense_model(task: str, img_size: int = 64, depth: int = 4, **options):
     create_petl("lora").apply(encoder)
     kind = get_task(task, **options)
     return kind, kind.build_model(encoder, 4 if task == "segmentation" else 3, img_size), info
+
+
+def write_mask_folder(root, data) -> None:
+    """The scenes as a user's images/ + masks/ folder pair with a classes.txt."""
+    from PIL import Image
+
+    for split, indices in data.splits.items():
+        for i in indices:
+            for kind, array in (("images", data.scenes.images[i]), ("masks", data.scenes.masks[i].astype(np.uint8))):
+                folder = root / kind / split
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(folder / f"scene{i}.png")
+    (root / "classes.txt").write_text("\n".join(data.classes_for("segmentation")) + "\n")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,16 +9,13 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("torch_pruning")
 
+from helpers import tiny_dense_model as tiny_model  # noqa: E402
+from helpers import tiny_scenes  # noqa: E402
+
 from sls.baselines.depgraph import depgraph_prune, ratio_for_parameter_reduction  # noqa: E402
 from sls.data import make_transform  # noqa: E402
 from sls.petl.merge import merge_for_inference  # noqa: E402
 from sls.tasks.detection import DetectionModel  # noqa: E402
-
-try:
-    from tests.test_dense import tiny_model, tiny_scenes
-except ModuleNotFoundError:  # pytest started as a script puts tests/, not the repository, on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.test_dense import tiny_model, tiny_scenes
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +98,23 @@ def test_depgraph_prunes_a_dense_model_and_narrows_its_head(task, options):
     assert torch.isfinite(loss)
 
 
+def test_a_pruned_dense_model_retrains_its_petl_and_whole_head():
+    from types import SimpleNamespace
+
+    from sls.compare import _make_trainable
+
+    model, loader = _setup("segmentation")
+    record = SimpleNamespace(petl={"method": "lora"})
+    pruned = _make_trainable(depgraph_prune(model, loader, ratio=0.3, n_batches=1), record)
+    trainable = {name for name, p in pruned.named_parameters() if p.requires_grad}
+    head = {name for name, _ in pruned.named_parameters() if name.startswith("head.")}
+    assert head <= trainable and any("lora" in name for name in trainable - head)  # LoRA back in the encoder
+    assert all("lora" in name for name in trainable - head)
+    images, masks = next(iter(loader))
+    pruned.train()(images, masks).backward()
+    assert all(pruned.get_parameter(name).grad is not None for name in head)
+
+
 def test_taylor_importance_comes_from_the_dense_loss(monkeypatch):
     model, loader = _setup("detection", detector="fcos")
     calls = []
@@ -134,10 +145,11 @@ def test_the_parameter_search_counts_the_whole_dense_model():
 
 
 def test_compare_runs_on_a_segmentation_task(tmp_path):
+    from helpers import write_mask_folder
+
     from sls.compare import compare
     from sls.config import RunConfig
     from sls.stages import run
-    from tests.test_dense_pipeline import write_mask_folder
 
     data = tiny_scenes(n=16)
     data.splits = {"train": np.arange(10), "val": np.arange(10, 12), "test": np.arange(12, 16)}

@@ -278,3 +278,33 @@ def test_a_fourth_task_type_is_one_registered_class():
         del _TASKS["counting-test"]
     with pytest.raises(ConfigError, match="unknown task type 'counting-test'; choose one of: classification, "):
         get_task("counting-test")
+
+
+# Export ------------------------------------------------------------------------------------
+
+
+def test_a_segmentation_task_exports_to_onnx_with_the_same_logits(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from sls.export import export_model, read_export_metadata
+
+    _, model, _ = tiny_model("segmentation")
+    model.eval()
+    path = export_model(model, tmp_path / "seg.onnx", "onnx", img_size=64)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": images.numpy()})
+    assert logits.shape == (2, 4, 64, 64) and np.allclose(logits, expected, atol=1e-4)
+    saved = export_model(model, tmp_path / "seg.safetensors", "safetensors", img_size=64)
+    meta = read_export_metadata(saved)
+    assert meta["task"] == "segmentation" and meta["num_classes"] == 4 and meta["loader"] == "sls"
+
+
+def test_a_detection_task_exports_as_safetensors_only(tmp_path):
+    from sls.export import export_model
+
+    _, model, _ = tiny_model("detection")
+    with pytest.raises(ConfigError, match="safetensors only"):
+        export_model(model, tmp_path / "det.onnx", "onnx", img_size=64)
+    assert export_model(model, tmp_path / "det.safetensors", "safetensors", img_size=64).is_file()

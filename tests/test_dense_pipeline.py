@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_scenes
+from helpers import tiny_scenes, write_mask_folder
 from PIL import Image
 
 from sls.cli import main
@@ -19,17 +19,6 @@ from sls.stages import run
 
 SETTINGS = dict(model="test_vit", weights="random", img_size=64, epochs=2, retrain_epochs=1, lr=3e-3, batch_size=4,
                 analysis_samples=60, perplexity=5.0, depth=3, throughput_batch=2, progress=False)  # fmt: skip
-
-
-def write_mask_folder(root, data) -> None:
-    """The scenes as a user's images/ + masks/ folder pair with a classes.txt."""
-    for split, indices in data.splits.items():
-        for i in indices:
-            for kind, array in (("images", data.scenes.images[i]), ("masks", data.scenes.masks[i].astype(np.uint8))):
-                folder = root / kind / split
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(folder / f"scene{i}.png")
-    (root / "classes.txt").write_text("\n".join(data.classes_for("segmentation")) + "\n")
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_a_task_without_a_published_scale_asks_for_one(settings, message):
 
 
 def test_unknown_recipe_is_refused():
-    with pytest.raises(ConfigError, match="unknown recipe 'imagenet'; choose one of: demo, vtab"):
+    with pytest.raises(ConfigError, match="unknown recipe 'imagenet'; choose one of: demo, demo-detection, demo-segmentation, vtab"):
         apply_recipe("imagenet", {})
 
 

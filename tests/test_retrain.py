@@ -17,6 +17,7 @@ import sls.experiment
 import sls.pipeline
 import sls.retrain
 import sls.stages
+import sls.tasks.classification
 from sls.backbones import create_backbone, truncate
 from sls.cli import _config_from, build_parser, main
 from sls.config import RunConfig
@@ -28,6 +29,7 @@ from sls.petl import create_petl
 from sls.retrain import create_strategy, distillation_loss, list_strategies, search_depth
 from sls.select import select_depth
 from sls.stages import run, stage_finetune, stage_prune
+from sls.tasks.classification import Classification
 from sls.train import Schedule, accuracy
 
 TINY = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200, test_samples=100,
@@ -216,10 +218,10 @@ def test_budget_search_in_the_prune_stage_uses_the_validation_split(finetuned_ta
     splits_seen, retrainings = [], []
     real_retrain = sls.pipeline.retrain_pruned
 
-    def fake_accuracy(model, loader, **kwargs):
+    def fake_evaluate(task, model, loader, **kwargs):
         indices = set(loader.dataset.indices.tolist())
         splits_seen.append(("val" if indices <= val else "test" if indices <= test else "other", len(model.blocks)))
-        return curve[len(model.blocks)]
+        return {"accuracy": curve[len(model.blocks)]}
 
     def counted_retrain(exp, pruned, *args, **kwargs):
         retrainings.append(len(pruned.blocks))
@@ -229,7 +231,7 @@ def test_budget_search_in_the_prune_stage_uses_the_validation_split(finetuned_ta
 
     splits = make_splits(load_dataset("digits"), train_size=200, test_size=100)
     val, test = set(splits.val.tolist()), set(splits.test.tolist())
-    monkeypatch.setattr(sls.pipeline, "accuracy", fake_accuracy)
+    monkeypatch.setattr(Classification, "evaluate", fake_evaluate)
     monkeypatch.setattr(sls.pipeline, "retrain_pruned", counted_retrain)
     record = stage_prune(task, max_drop=3.0, progress=False).to_dict()
     search = record["budget_search"]
@@ -304,7 +306,7 @@ def test_a_budget_needs_a_validation_split(monkeypatch, tmp_path):
         labels = np.asarray(data.labels)
         return Splits(train=np.arange(0, 1500), val=np.array([], dtype=np.int64), test=np.arange(1500, len(labels)))
 
-    monkeypatch.setattr(sls.experiment, "make_splits", no_val)
+    monkeypatch.setattr(sls.tasks.classification, "make_splits", no_val)
     with pytest.raises(ConfigError, match="--max-drop chooses k on a validation split, and digits has none"):
         stage_finetune(dataclasses.replace(TINY, max_drop=1.0, out=str(tmp_path / "t")))
     with pytest.raises(ConfigError, match="leave out --depth"):

@@ -81,7 +81,8 @@ def _first_batches(loader: DataLoader, n_batches: int) -> list[tuple[torch.Tenso
     batches = []
     for images, targets in loader:
         # A detection batch's targets are one {"boxes", "labels"} dict per image: kept as they are.
-        batches.append((images, targets if isinstance(targets, (list, tuple)) else torch.as_tensor(targets)))
+        per_image = isinstance(targets, (list, tuple)) and targets and isinstance(targets[0], dict)
+        batches.append((images, targets if per_image else torch.as_tensor(targets)))
         if len(batches) == n_batches:
             break
     if not batches:
