@@ -93,8 +93,8 @@ def score_blocks(exp: Experiment, criterion: str | None = None) -> DepthSelector
     cfg, bb = exp.config, exp.backbone
     key = feature_key_parts(exp.data, "train", exp.analysed, bb.img_size, bb.mean, bb.std, bb.interpolation)
     compute = exp.task.block_features
-    if exp.task.dense:  # the cells or boxes scored: the task and their number are part of the key
-        key |= {"task": exp.task.name, "samples": cfg.analysis_samples}
+    if exp.task.dense:  # the regions, cells or boxes scored: the task, its options and their number are in the key
+        key |= {"task": exp.task.name, "task_options": exp.task.options, "samples": cfg.analysis_samples}
         compute = functools.partial(compute, samples=cfg.analysis_samples)
     analysis, _ = cached_block_features(exp.model, exp.analysis_loader, key_parts=key, use_cache=cfg.cache,
                                        progress=cfg.progress, compute=compute)

@@ -144,6 +144,7 @@ def test_the_parameter_search_counts_the_whole_dense_model():
     assert _count(depgraph_prune(model, loader, ratio=ratio, importance="magnitude")) == _count(pruned)
 
 
+@pytest.mark.slow
 def test_compare_runs_on_a_segmentation_task(tmp_path):
     from helpers import write_mask_folder
 

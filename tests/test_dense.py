@@ -308,3 +308,31 @@ def test_a_detection_task_exports_as_safetensors_only(tmp_path):
     with pytest.raises(ConfigError, match="safetensors only"):
         export_model(model, tmp_path / "det.onnx", "onnx", img_size=64)
     assert export_model(model, tmp_path / "det.safetensors", "safetensors", img_size=64).is_file()
+
+
+# Swin ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_a_swin_dense_model_cut_before_its_last_stage_gets_a_head_of_the_kept_width(task):
+    from sls.backbones import create_backbone
+    from sls.petl import create_petl
+
+    torch.manual_seed(0)
+    encoder, _ = create_backbone("swin_tiny_patch4_window7_224", num_classes=0, weights="random", img_size=64,
+                                 model_kwargs=dict(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=2))  # fmt: skip
+    create_petl("lora").apply(encoder)
+    model = get_task(task).build_model(encoder, 3, 64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(images)
+        cut = truncate(copy.deepcopy(model), 3)  # inside stage 2: 32 channels at stride 8
+        after = cut(images)
+    assert cut.feature_map(images).shape[1] == 32 == cut.head_width
+    assert all(p.requires_grad for p in cut.head.parameters())
+    if task == "segmentation":
+        assert cut.head.norm.num_features == cut.head.classify.in_channels == 32
+        assert before.shape == after.shape == (2, 3, 64, 64)
+    else:
+        assert cut.head.backbone.pyramid.up.in_channels == 32 and not cut.head.training
+        assert len(after) == 2 and set(after[0]) == {"boxes", "scores", "labels"}

@@ -18,7 +18,7 @@ from sls.experiment import Experiment, load_task
 from sls.stages import run
 
 SETTINGS = dict(model="test_vit", weights="random", img_size=64, epochs=2, retrain_epochs=1, lr=3e-3, batch_size=4,
-                analysis_samples=60, perplexity=5.0, depth=3, throughput_batch=2, progress=False)  # fmt: skip
+                analysis_samples=60, perplexity=5.0, depth=3, throughput_batch=2, progress=False, cache=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,7 @@ def test_a_dense_task_folder_round_trips(segmentation_task):
     assert loaded.depth == 3
 
 
+@pytest.mark.slow
 def test_a_dense_run_resumes_to_the_same_result(segmentation_task, tmp_path, monkeypatch, scenes_folder):
     import sls.stages
 
@@ -80,6 +81,7 @@ def test_a_dense_run_resumes_to_the_same_result(segmentation_task, tmp_path, mon
     assert resumed.results["accuracy"] == whole.results["accuracy"]
 
 
+@pytest.mark.slow
 def test_detection_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(DENSE_EMBEDDED, "tiny-scenes", lambda: tiny_scenes(n=16))
     record = run(RunConfig(task="detection", data="tiny-scenes", out=str(tmp_path / "task"),
@@ -132,6 +134,7 @@ def test_predict_writes_masks_and_overlays(segmentation_task, scenes_folder, tmp
     assert isinstance(model(torch.zeros(1, 3, 64, 64)), torch.Tensor)
 
 
+@pytest.mark.slow
 def test_predict_writes_boxes_as_json(tmp_path, monkeypatch):
     monkeypatch.setitem(DENSE_EMBEDDED, "tiny-scenes", lambda: tiny_scenes(n=16))
     task = tmp_path / "task"
@@ -142,3 +145,23 @@ def test_predict_writes_boxes_as_json(tmp_path, monkeypatch):
     found = json.loads((tmp_path / "pred" / "scene.json").read_text())
     assert set(found) == {"image", "width", "height", "boxes"}
     assert all(set(b) == {"box", "label", "class", "score"} for b in found["boxes"])
+
+
+def test_the_feature_cache_tells_regions_from_cells(segmentation_task):
+    """The samples a dense criterion scores are part of the cache key: cells after regions
+    on the same fine-tuned model run the pass again, and score something else."""
+    from sls.features import features_dir
+    from sls.pipeline import score_blocks
+    from sls.tasks import get_task
+
+    out, record = segmentation_task
+    exp, _ = Experiment.from_record(out, overrides={"cache": True})
+    regions = score_blocks(exp)
+    cached = set(features_dir().glob("*.npz"))
+    assert [float(v) for v in score_blocks(exp).scores_] == [float(v) for v in regions.scores_]
+    assert set(features_dir().glob("*.npz")) == cached  # the second time from the cache
+    assert [float(v) for v in regions.scores_] == record.scores
+    exp.task = get_task("segmentation", samples="cells")
+    cells = score_blocks(exp)
+    assert len(set(features_dir().glob("*.npz")) - cached) == 1
+    assert [float(v) for v in cells.scores_] != record.scores

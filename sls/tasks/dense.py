@@ -82,8 +82,8 @@ class DenseModel(nn.Module):
         """Rebuild the head when the cut changed the encoder's width (fresh and trainable,
         like a cut Swin's classifier); otherwise the trained head stays."""
         if getattr(self, "head_width", self.width) != self.width:
-            device = next(self.head.parameters()).device
-            self.head = self.make_head().to(device)
+            device, training = next(self.head.parameters()).device, self.head.training
+            self.head = self.make_head().to(device).train(training)
             self.head_width = self.width
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
