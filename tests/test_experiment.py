@@ -67,6 +67,7 @@ def test_building_and_training_leave_the_callers_generators_alone():
     assert torch.equal(after[2], before[2])
 
 
+@pytest.mark.slow
 def test_a_task_made_on_cuda_resumes_on_the_cpu(finetuned, tmp_path, capsys):
     task = shutil.copytree(finetuned, tmp_path / "task")
     raw = json.loads((task / "record.json").read_text())

@@ -165,6 +165,7 @@ def test_run_on_a_hub_model_records_a_name_that_rebuilds_it(hub, tmp_path, capsy
     assert all(torch.equal(state[k], hub.state[k]) for k in hub.state)
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_uncached_hub_model_in_one_line(hub, tmp_path):
     """In a fresh process configured by the environment alone, as a user runs it."""
     out = tmp_path / "task"

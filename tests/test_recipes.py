@@ -191,6 +191,7 @@ def test_the_cli_refuses_a_recipe_task_without_a_scale_in_one_line(tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_vtab_task_runs_end_to_end_under_the_recipe(tmp_path):
     from test_data_files import make_vtab
 

@@ -178,6 +178,7 @@ def test_a_dry_run_lists_the_shard_and_writes_nothing(tmp_path, monkeypatch, cap
     assert calls == [] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sls_sweep_runs_real_tasks_and_exits_2_when_one_fails(tmp_path, capsys):
     defaults = json.dumps(TINY)
     path = write_yaml(tmp_path / "tiny.yaml", f"""

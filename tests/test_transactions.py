@@ -118,6 +118,7 @@ def test_the_write_boundaries_are_what_the_stages_write(uninterrupted):
     assert any(n.startswith("unlink task-") for n in names)  # the superseded tensors, after the record
 
 
+@pytest.mark.slow
 def test_a_crash_just_after_a_stages_tensors_or_record_land_then_resume_equals_an_uninterrupted_run(
         uninterrupted, tmp_path, monkeypatch):  # fmt: skip
     """The lean suite's share: the windows between a stage's tensors and its record (where
