@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from sls.backbones import all_blocks
+from sls.backbones import BlockFeatures, all_blocks
+from sls.data import Splits
+from sls.data.dense import DENSE_EMBEDDED, DenseDataset, collate_dense
+from sls.tasks import TaskType
 
 
 def is_swin(encoder: nn.Module) -> bool:
@@ -88,3 +93,66 @@ class DenseModel(nn.Module):
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         return final_map(self.encoder, images)
+
+
+def gather_blocks(encoder: nn.Module, dataset, images: list[int], pick: Callable[[list[int], torch.Tensor], torch.Tensor],
+                  labels: np.ndarray, *, batch_size: int, progress: bool) -> BlockFeatures:  # fmt: skip
+    """One pass over ``images`` (positions in ``dataset``, in order): ``pick(batch, map)``
+    turns each kept block's NCHW map (and block 1's input) into the batch's sample rows."""
+    device = next(encoder.parameters()).device
+    collected: list[list[torch.Tensor]] = [[] for _ in all_blocks(encoder)]
+    first: list[torch.Tensor] = []
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    for batch in tqdm(batches, desc="block features", unit="batch", disable=not progress):
+        pixels = torch.stack([dataset[i][0] for i in batch]).to(device)
+        block_maps(encoder, pixels, lambda i, fmap, batch=batch: collected[i].append(pick(batch, fmap)),
+                   first=lambda fmap, batch=batch: first.append(pick(batch, fmap)))  # fmt: skip
+    return BlockFeatures([torch.cat(c).numpy() for c in collected], labels, torch.cat(first).numpy())
+
+
+class DenseTask(TaskType):
+    """What the dense task types share: their data (``mnist-scenes`` or a user's layout),
+    its own splits, datasets of (image, resized target), and every training image analysed
+    (the task's ``samples`` count the regions, cells or boxes scored)."""
+
+    dense = True
+    collate = staticmethod(collate_dense)
+
+    def load_data(self, spec: str):
+        if spec in DENSE_EMBEDDED:
+            return DENSE_EMBEDDED[spec]()
+        from sls.data.layouts import load_dense_dataset
+
+        return load_dense_dataset(spec, self.name)
+
+    def classes(self, data) -> list[str]:
+        return list(data.classes_for(self.name))
+
+    def splits(self, data, *, train_size, test_size) -> Splits:
+        return dense_splits(data, train_size=train_size, test_size=test_size)
+
+    def dataset(self, data, indices, transform, img_size, *, skip_bad=False):
+        return DenseDataset(data, indices, transform, img_size, self.name)
+
+    def analysed(self, data, train, samples):
+        return np.sort(train)
+
+
+def dense_splits(data, *, train_size: int | None, test_size: int | None) -> Splits:
+    """The set's own splits (a seeded 70 / 10 / 20 split when it has none), the train and
+    test ones cut to a seeded subset of ``train_size`` / ``test_size`` images."""
+    rng = np.random.default_rng(0)
+    given = data.splits
+    if given is None:
+        order = rng.permutation(len(data))
+        n_test, n_val = round(0.2 * len(data)), round(0.1 * len(data))
+        given = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+
+    def cut(indices, size):
+        indices = np.sort(np.asarray(indices, dtype=np.int64))
+        if size is None or size >= len(indices):
+            return indices
+        return np.sort(np.random.default_rng(0).choice(indices, size=size, replace=False))
+
+    return Splits(train=cut(given["train"], train_size), val=cut(given.get("val", []), None),
+                  test=cut(given["test"], test_size))  # fmt: skip

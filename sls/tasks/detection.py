@@ -31,12 +31,10 @@ from torchvision.ops import box_iou, roi_align
 from tqdm.auto import tqdm
 
 from sls.backbones import BlockFeatures
-from sls.data.dense import DENSE_EMBEDDED, DenseDataset, collate_dense
 from sls.errors import ConfigError, DataError
 from sls.runtime import Runtime, model_device
-from sls.tasks import TaskType, register_task
-from sls.tasks.dense import DenseModel, block_maps
-from sls.tasks.segmentation import dense_splits
+from sls.tasks import register_task
+from sls.tasks.dense import DenseModel, DenseTask, gather_blocks
 
 DETECTORS = ("fcos", "retinanet", "fasterrcnn")
 CHANNELS = 64
@@ -269,14 +267,12 @@ def roi_features(feature_map: torch.Tensor, boxes: list[torch.Tensor], img_size:
 
 
 @register_task
-class Detection(TaskType):
+class Detection(DenseTask):
     """Boxes: :class:`DetectionModel` (``--task-option detector=fcos|retinanet|fasterrcnn``,
     ``channels=64``), COCO mAP, RoI features of the boxes for the criteria."""
 
     name = "detection"
     metric = "mAP"
-    dense = True
-    collate = staticmethod(collate_dense)
 
     def __init__(self, detector: str = "fcos", channels: int = CHANNELS, **options) -> None:
         if detector not in DETECTORS:
@@ -286,25 +282,6 @@ class Detection(TaskType):
         if int(channels) < 16 or int(channels) % 16:
             raise ConfigError(f"channels must be a multiple of 16 (GroupNorm's groups), got {channels}")
         super().__init__(detector=detector, channels=int(channels))
-
-    def load_data(self, spec: str):
-        if spec in DENSE_EMBEDDED:
-            return DENSE_EMBEDDED[spec]()
-        from sls.data.layouts import load_dense_dataset
-
-        return load_dense_dataset(spec, self.name)
-
-    def classes(self, data) -> list[str]:
-        return list(data.classes_for(self.name))
-
-    def splits(self, data, *, train_size, test_size):
-        return dense_splits(data, train_size=train_size, test_size=test_size)
-
-    def dataset(self, data, indices, transform, img_size, *, skip_bad=False):
-        return DenseDataset(data, indices, transform, img_size, self.name)
-
-    def analysed(self, data, train, samples):
-        return np.sort(train)  # every training image; ``samples`` counts the boxes scored
 
     def build_model(self, encoder, num_classes, img_size):
         return DetectionModel(encoder, num_classes, img_size, self.options["detector"], self.options["channels"])
@@ -319,26 +296,14 @@ class Detection(TaskType):
         model.eval()
         targets = [dataset.target(i) for i in range(len(dataset))]
         chosen = choose_rois(targets, model.num_classes, dataset.img_size, samples)
-        device = next(encoder.parameters()).device
-        images = sorted({image for image, _, _ in chosen})
         by_image: dict[int, list[list[float]]] = {}
         for image, box, _ in chosen:
             by_image.setdefault(image, []).append(box)
-        n_blocks = len(_blocks(encoder))
-        collected: list[list[torch.Tensor]] = [[] for _ in range(n_blocks)]
-        first: list[torch.Tensor] = []
-        size = dataset.img_size
-        batches = [images[i : i + loader.batch_size] for i in range(0, len(images), loader.batch_size)]
-        for batch in tqdm(batches, desc="block features", unit="batch", disable=not progress):
-            pixels = torch.stack([dataset[i][0] for i in batch]).to(device)
+
+        def pick(batch: list[int], feature_map: torch.Tensor) -> torch.Tensor:
             boxes = [torch.tensor(by_image[i], dtype=torch.float32) for i in batch]
-            block_maps(encoder, pixels, lambda i, fmap: collected[i].append(roi_features(fmap, boxes, size)),
-                       first=lambda fmap: first.append(roi_features(fmap, boxes, size)))  # fmt: skip
+            return roi_features(feature_map, boxes, dataset.img_size)
+
         labels = np.array([label for _, _, label in chosen], dtype=np.int64)
-        return BlockFeatures([torch.cat(c).numpy() for c in collected], labels, torch.cat(first).numpy())
-
-
-def _blocks(encoder):
-    from sls.backbones import all_blocks
-
-    return all_blocks(encoder)
+        return gather_blocks(encoder, dataset, sorted(by_image), pick, labels, batch_size=loader.batch_size,
+                             progress=progress)  # fmt: skip

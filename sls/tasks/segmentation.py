@@ -21,12 +21,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from sls.backbones import BlockFeatures
-from sls.data import Splits
-from sls.data.dense import DENSE_EMBEDDED, IGNORE_INDEX, DenseDataset, collate_dense
+from sls.data.dense import IGNORE_INDEX
 from sls.errors import ConfigError, DataError
 from sls.runtime import Runtime, model_device
-from sls.tasks import TaskType, register_task
-from sls.tasks.dense import DenseModel, block_maps
+from sls.tasks import register_task
+from sls.tasks.dense import DenseModel, DenseTask, gather_blocks
 
 PURITY = 0.5
 """A cell is scored when its majority class holds at least this share of its labelled pixels ..."""
@@ -184,13 +183,11 @@ def choose_cells(labels: list[torch.Tensor], clean: list[torch.Tensor], samples:
 
 
 @register_task
-class Segmentation(TaskType):
+class Segmentation(DenseTask):
     """Per-pixel labels: :class:`SegmentationModel`, mIoU, patch cells for the criteria."""
 
     name = "segmentation"
     metric = "mIoU"
-    dense = True
-    collate = staticmethod(collate_dense)
 
     def __init__(self, samples: str = "regions", **options) -> None:
         if samples not in SAMPLE_KINDS:
@@ -198,25 +195,6 @@ class Segmentation(TaskType):
         if options:
             raise ConfigError(f"the segmentation task takes the option samples, not {', '.join(options)}")
         super().__init__(samples=samples)
-
-    def load_data(self, spec: str):
-        if spec in DENSE_EMBEDDED:
-            return DENSE_EMBEDDED[spec]()
-        from sls.data.layouts import load_dense_dataset
-
-        return load_dense_dataset(spec, self.name)
-
-    def classes(self, data) -> list[str]:
-        return list(data.classes_for(self.name))
-
-    def splits(self, data, *, train_size, test_size) -> Splits:
-        return dense_splits(data, train_size=train_size, test_size=test_size)
-
-    def dataset(self, data, indices, transform, img_size, *, skip_bad=False):
-        return DenseDataset(data, indices, transform, img_size, self.name)
-
-    def analysed(self, data, train, samples):
-        return np.sort(train)  # every training image; ``samples`` counts the cells scored
 
     def build_model(self, encoder, num_classes, img_size):
         return SegmentationModel(encoder, num_classes)
@@ -244,50 +222,14 @@ def gather_cells(encoder: nn.Module, dataset, chosen: list[tuple[int, tuple[int,
     """Every block's feature of the chosen ``(image, cells, label)`` samples (the mean over
     their cells), in one pass over the images that hold them (each block's map
     average-pooled to ``grid``)."""
-    device = next(encoder.parameters()).device
-    images = sorted({image for image, _, _ in chosen})
     by_image: dict[int, list[tuple[int, ...]]] = {}
     for image, cells, _ in chosen:
         by_image.setdefault(image, []).append(cells)
-    n_blocks = len(_blocks(encoder))
-    collected: list[list[torch.Tensor]] = [[] for _ in range(n_blocks)]
-    first: list[torch.Tensor] = []
-    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    for batch in tqdm(batches, desc="block features", unit="batch", disable=not progress):
-        pixels = torch.stack([dataset[i][0] for i in batch]).to(device)
-        members = [(r, torch.tensor(cells)) for r, i in enumerate(batch) for cells in by_image[i]]
 
-        def pick(feature_map: torch.Tensor, members=members) -> torch.Tensor:
-            pooled = F.adaptive_avg_pool2d(feature_map.float(), grid).flatten(2)  # (B, D, cells)
-            return torch.stack([pooled[r, :, cells].mean(dim=-1) for r, cells in members]).cpu()
+    def pick(batch: list[int], feature_map: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(feature_map.float(), grid).flatten(2)  # (B, D, cells)
+        return torch.stack([pooled[r, :, torch.tensor(cells)].mean(dim=-1)
+                            for r, i in enumerate(batch) for cells in by_image[i]]).cpu()  # fmt: skip
 
-        block_maps(encoder, pixels, lambda i, fmap: collected[i].append(pick(fmap)),
-                   first=lambda fmap: first.append(pick(fmap)))
     labels = np.array([label for _, _, label in chosen], dtype=np.int64)
-    return BlockFeatures([torch.cat(c).numpy() for c in collected], labels, torch.cat(first).numpy())
-
-
-def _blocks(encoder):
-    from sls.backbones import all_blocks
-
-    return all_blocks(encoder)
-
-
-def dense_splits(data, *, train_size: int | None, test_size: int | None) -> Splits:
-    """The set's own splits (a seeded 70 / 10 / 20 split when it has none), the train and
-    test ones cut to a seeded subset of ``train_size`` / ``test_size`` images."""
-    rng = np.random.default_rng(0)
-    given = data.splits
-    if given is None:
-        order = rng.permutation(len(data))
-        n_test, n_val = round(0.2 * len(data)), round(0.1 * len(data))
-        given = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
-
-    def cut(indices, size):
-        indices = np.sort(np.asarray(indices, dtype=np.int64))
-        if size is None or size >= len(indices):
-            return indices
-        return np.sort(np.random.default_rng(0).choice(indices, size=size, replace=False))
-
-    return Splits(train=cut(given["train"], train_size), val=cut(given.get("val", []), None),
-                  test=cut(given["test"], test_size))  # fmt: skip
+    return gather_blocks(encoder, dataset, sorted(by_image), pick, labels, batch_size=batch_size, progress=progress)
