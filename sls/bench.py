@@ -98,7 +98,7 @@ def throughput(
     for name, model in models.items():
         model.eval()
         device = model_device(model)
-        forwards[name] = _forward_fn(model, runtime.inputs(batch, device), device, runtime)
+        forwards[name] = _forward_fn(runtime.compiled(model), runtime.inputs(batch, device), device, runtime)
         _warm_up(forwards[name], warmup_time)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
@@ -123,7 +123,7 @@ def latency(
     warmup_time = WARMUP_TIME if warmup_time is None else warmup_time
     model.eval()
     device = model_device(model)
-    forward = _forward_fn(model, runtime.inputs(_inputs(1, img_size, seed), device), device, runtime)
+    forward = _forward_fn(runtime.compiled(model), runtime.inputs(_inputs(1, img_size, seed), device), device, runtime)
     _warm_up(forward, warmup_time)
     times, start = [], time.perf_counter()
     while len(times) < 50 or time.perf_counter() - start < min_time:

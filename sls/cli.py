@@ -80,7 +80,7 @@ def _one_process(command: str) -> None:
 def _runtime(args: argparse.Namespace):
     from sls.runtime import Runtime
 
-    return Runtime.from_options(args.device or "auto", bool(args.amp), bool(args.channels_last))
+    return Runtime.from_options(args.device or "auto", bool(args.amp), bool(args.channels_last), bool(args.compile))
 
 
 def _execute(config) -> int:
@@ -99,10 +99,12 @@ def _execute(config) -> int:
     print_summary(summary)
     for line in [*selection_notes(summary), *run_notes(summary)]:
         print(line)
-    plots = "scores.png, training.png" + (", budget.png" if record.budget_search else "")
+    plots = ("scores.png, " if record.scores is not None else "") + "training.png"
+    plots += ", budget.png" if record.budget_search else ""
     plots += ", predictions.png" if record.results.get("metric") else ""
     tensors = record.files["task"]["file"] if "task" in record.files else "task.safetensors"
-    print(f"task folder: {record.config.out}  (record.json, config.yaml, {tensors}, scores.csv, {plots})")
+    scores = "scores.csv, " if record.scores is not None else ""
+    print(f"task folder: {record.config.out}  (record.json, config.yaml, {tensors}, {scores}{plots})")
     return 0
 
 
@@ -146,9 +148,9 @@ def _prune(args: argparse.Namespace) -> int:
     record = _stage(args, "prune")
     if record is None:
         return 0
-    if len(record.depths_per_seed) > 1:
+    if len(record.depths_per_seed or []) > 1:
         print(f"k over {len(record.depths_per_seed)} t-SNE starts: {depth_distribution(record.depths_per_seed)}")
-    if len(record.depth_per_alpha) > 1:
+    if len(record.depth_per_alpha or []) > 1:
         print("k per alpha: " + ", ".join(f"alpha={row['alpha']:g}: k={row['depth']}" for row in record.depth_per_alpha))
     search = record.budget_search
     if search:
@@ -157,7 +159,8 @@ def _prune(args: argparse.Namespace) -> int:
               f"{search['val_images']} validation images; tried {tried}; k = {search['chosen_depth']} "
               f"(SLS's k = {search['start_depth']}); plot: {args.task}/budget.png")  # fmt: skip
     summary = record.to_dict()
-    print(f"{scores_line(summary)}; test {summary['results'].get('metric', 'accuracy')} before retraining "
+    scored = f"{scores_line(summary)}; " if record.scores is not None else f"k = {record.depth} given (no block scored); "
+    print(f"{scored}test {summary['results'].get('metric', 'accuracy')} before retraining "
           f"{100 * record.results['accuracy']['pruned_no_retrain']:.1f}%; next: sls retrain {args.task}")
     for line in selection_notes(summary):
         print(line)
@@ -554,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--criterion", default="sls",
                          help=f"comma-separated criteria among {', '.join(list_criteria())} (default: %(default)s)")
     analyze.add_argument("--alpha", type=float, default=0.3, help="threshold factor (default: %(default)s)")
-    analyze.add_argument("--tsne", default="sklearn", choices=["sklearn", "opentsne", "opentsne-fft"],
+    analyze.add_argument("--tsne", default="sklearn", choices=["sklearn", "opentsne", "opentsne-fft", "torchdr"],
                          help="t-SNE backend (default: %(default)s)")
     analyze.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: %(default)s)")
     analyze.add_argument("--pca", type=int, default=None, metavar="DIMS", help="PCA to DIMS dimensions before t-SNE")

@@ -55,7 +55,6 @@ sliced to the kept channels too, once the model is retrained with a fresh one on
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 from dataclasses import dataclass
@@ -69,7 +68,7 @@ from torch.utils.data import DataLoader, Subset
 from sls._io import write_json, write_text
 from sls._rng import seeded
 from sls.artifact import RECORD_FILE, task_file, task_tensor_bytes
-from sls.backbones import truncate
+from sls.backbones import shared_copy, truncate
 from sls.baselines.depgraph import (
     MAX_RATIO,
     ROUND_TO,
@@ -347,7 +346,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
     candidates = [full, sls_task]
     sls_fair = sls_task
     if task_retrained:
-        unretrained = truncate(copy.deepcopy(finetuned), depth)
+        unretrained = truncate(shared_copy(finetuned), depth)
         sls_fair = _Candidate(f"SLS k={depth} no retrain", "sls", deployable_model(unretrained), depth,
                               storage_bytes=task_tensor_bytes(unretrained) + record_bytes)  # fmt: skip
         candidates.append(sls_fair)
@@ -356,7 +355,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
         if not task_retrained or retrain_epochs != record.retrain_epochs:
             # The task's own row had another budget: SLS's k gets the DepGraph rows' one here.
             log(f"retraining SLS k={depth} for {retrain_epochs} epoch(s), the budget of every retrained row")
-            model = truncate(copy.deepcopy(finetuned), depth)
+            model = truncate(shared_copy(finetuned), depth)
             _retrain(model, exp, record, retrain_epochs)
             sls_fair = _Candidate(f"SLS k={depth} retrained {retrain_epochs} epoch(s)", "sls", deployable_model(model),
                                   depth, retrained=True, storage_bytes=task_tensor_bytes(model) + record_bytes)  # fmt: skip
@@ -365,7 +364,7 @@ def _compare(task_dir: Path, exp: Experiment, record: TaskRecord, *, ratios: lis
         if other in (depth, num_blocks):
             continue
         log(f"SLS at k={other}")
-        model = truncate(copy.deepcopy(finetuned), other)
+        model = truncate(shared_copy(finetuned), other)
         if retrain_epochs is not None:
             log(f"retraining SLS k={other}")
             _retrain(model, exp, record, retrain_epochs)

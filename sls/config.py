@@ -43,9 +43,9 @@ pretraining stage), while its users, like the paper's VTAB runs, fine-tune at 22
 DEMO_IMG_SIZE = 84
 """Input side chosen for the embedded 28 px / 8 px demo sets (6 x 6 patches of 14 px)."""
 
-RUNTIME_KEYS = ("device", "amp", "channels_last")
+RUNTIME_KEYS = ("device", "amp", "channels_last", "compile")
 """Where and how the models run: any command may change them, a resumed run included."""
-NOT_COMPARED = ("out", "progress", "force", "cache", *RUNTIME_KEYS)
+NOT_COMPARED = ("out", "progress", "force", "cache", "score_all", *RUNTIME_KEYS)
 """Settings that may differ between a run and its resumption (``force`` is a permission, not a setting)."""
 
 
@@ -128,14 +128,19 @@ class RunConfig:
         "validation images --max-drop and the training curves measure on, or 'all'", none="all"))
     criterion: str = field(default="sls", metadata=_opt("layer criterion that chooses k", names="criteria"))
     tsne: str = field(default="sklearn", metadata=_opt(
-        "t-SNE backend: sklearn (the paper's), opentsne (Barnes-Hut, exact neighbours) or opentsne-fft (FFT "
-        "gradients, approximate neighbours)", choices=("sklearn", "opentsne", "opentsne-fft")))
+        "t-SNE backend: sklearn (the paper's), opentsne (Barnes-Hut, exact neighbours), opentsne-fft (FFT "
+        "gradients, approximate neighbours) or torchdr (TorchDR, on a GPU when there is one)",
+        choices=("sklearn", "opentsne", "opentsne-fft", "torchdr")))
     perplexity: float = field(default=30.0, metadata=_opt("t-SNE perplexity"))
     tsne_seed: int = field(default=0, metadata=_opt("seed of the first t-SNE start"))
     tsne_seeds: int = field(default=1, metadata=_opt(
         "t-SNE starts to score the blocks with: the scores are their mean, T and k the rule on that mean",
         metavar="N"))
-    depth: int | None = field(default=None, metadata=_opt("keep exactly this many blocks instead of SLS's k"))
+    depth: int | None = field(default=None, metadata=_opt(
+        "keep exactly this many blocks instead of SLS's k (no block is scored unless --score-all)"))
+    score_all: bool = field(default=False, metadata=_opt(
+        "score every block; by default only those the rule reads are: block N, then down to the first block "
+        "below T (all of them for several alphas or --tsne-seeds)"))
     force: bool = field(default=False, metadata=_opt(
         "prune even when the fine-tune looks failed (near chance, or its loss barely fell)"))
     seed: int = field(default=0, metadata=_opt("training seed"))
@@ -148,6 +153,9 @@ class RunConfig:
         "mixed precision: autocast to bfloat16 (float16 on GPUs without it) for training, evaluation and "
         "throughput; block scores stay float32"))
     channels_last: bool = field(default=False, metadata=_opt("channels-last memory layout for the model and batches"))
+    compile: bool = field(default=False, metadata=_opt(
+        "torch.compile the models for training, evaluation and throughput (eager, with a warning, where the "
+        "platform cannot compile)"))
     cache: bool = field(default=True, metadata=_opt(
         "read and write the block features in the feature cache (--no-cache: compute them afresh, store nothing)"))
     recipe: str | None = field(default=None, metadata=_opt("preset of these settings; an option given wins",

@@ -13,8 +13,8 @@ generators are left as they were (:func:`sls._rng.seeded`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from sls._rng import seeded
 from sls.artifact import check_fingerprint, load_tensors, record_weights
-from sls.backbones import BackboneInfo, create_backbone, pretrained_input_size, truncate
+from sls.backbones import BackboneInfo, create_backbone, pretrained_input_size, shared_copy, truncate
 from sls.config import DEMO_IMG_SIZE, RunConfig, resolve
 from sls.data import EMBEDDED_DATASETS, ImageSource, Splits, make_transform, stratified_subset
 from sls.data.dense import DENSE_EMBEDDED, SCENE_SIDE
@@ -89,7 +89,7 @@ class Experiment:
         """A new run: deterministic stratified splits, the model's transform, the backbone
         with a fresh head and PETL modules inserted (only they and the head train)."""
         config.validate()
-        runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
+        runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last, config.compile)
         task = get_task(config.task, **config.task_options)
         data = task.load_data(config.data)
         classes = task.classes(data)
@@ -134,7 +134,7 @@ class Experiment:
         config = dataclasses.replace(record.config, **(overrides or {}))
         if with_data:  # export and predict need only the record's backbone and PETL method
             config.validate()
-        runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
+        runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last, config.compile)
         saved = record.backbone
         resolved = {"img_size": int(saved["img_size"]), **record.resolved}
         resolved.setdefault("epochs", record.config.epochs)
@@ -169,14 +169,15 @@ class Experiment:
         if config.depth is not None and not 1 <= config.depth <= backbone.num_blocks:
             raise ConfigError(f"--depth {config.depth} is out of range: the model has blocks 1..{backbone.num_blocks}")
         transform = make_transform(backbone.img_size, backbone.mean, backbone.std, backbone.interpolation)
-        skip, task, size = config.skip_bad_images, self.task, backbone.img_size
-        train_set = task.dataset(data, splits.train, transform, size, skip_bad=skip)
-        test_set = task.dataset(data, splits.test, transform, size, skip_bad=skip)
+        skip, task, size, device = config.skip_bad_images, self.task, backbone.img_size, self.runtime.device
+        dataset = functools.partial(task.dataset, data, transform=transform, img_size=size, progress=config.progress)
+        loader = functools.partial(task.loader, device=device)
+        train_set, test_set = dataset(splits.train, skip_bad=skip), dataset(splits.test, skip_bad=skip)
         shuffled = torch.Generator().manual_seed(config.seed)
-        self.train_loader = task.loader(train_set, batch_size=config.batch_size, shuffle=True, generator=shuffled)
+        self.train_loader = loader(train_set, batch_size=config.batch_size, shuffle=True, generator=shuffled)
         # The analysis pass sees every analysed training image once, in order, nothing dropped.
         self.analysed = task.analysed(data, train_set.indices, config.analysis_samples)
-        self.analysis_loader = task.loader(task.dataset(data, self.analysed, transform, size))
+        self.analysis_loader = loader(dataset(self.analysed))
         few = len(self.analysed) <= 3 * config.perplexity and not task.dense  # dense tasks score cells or boxes
         if config.criterion == "sls" and config.depth is None and few:
             # Found now, not after the fine-tuning: t-SNE could not score the blocks.
@@ -184,14 +185,14 @@ class Experiment:
                 f"t-SNE with perplexity {config.perplexity:g} needs more than {3 * config.perplexity:g} samples, "
                 f"got {len(self.analysed)} training images; use more images or a smaller perplexity"
             )
-        self.test_loader = task.loader(test_set)
+        self.test_loader = loader(test_set)
         skipped = train_set.skipped + test_set.skipped
         if len(splits.val):
             val = splits.val if task.dense else stratified_subset(splits.val, data.labels, config.val_samples)
             if task.dense and config.val_samples is not None:
                 val = val[: config.val_samples]
-            val_set = task.dataset(data, val, transform, size, skip_bad=skip)
-            self.val_loader = task.loader(val_set)
+            val_set = dataset(val, skip_bad=skip)
+            self.val_loader = loader(val_set)
             skipped += val_set.skipped
         for item, reason in skipped:
             print(f"sls: skipped {data.item_name(item)}: {reason}")
@@ -245,8 +246,9 @@ def load_task(task_dir: str | Path, *, weights: str | Path | None = None, stage:
 
 
 def pruned_model(exp: Experiment, record: TaskRecord, task_dir: Path) -> nn.Module:
-    """A copy of the fine-tuned model cut to the record's k, with the task's tensors loaded."""
+    """A copy of the fine-tuned model cut to the record's k, with the task's tensors loaded
+    (it shares the frozen backbone tensors with the fine-tuned model)."""
     if "prune" not in record.stages:
         raise TaskRecordError(f"{task_dir} is not pruned yet; run `sls prune {task_dir}` first")
-    pruned = truncate(copy.deepcopy(exp.model), int(record.depth))
+    pruned = truncate(shared_copy(exp.model), int(record.depth))
     return load_tensors(pruned, task_dir, record).eval()

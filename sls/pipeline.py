@@ -10,21 +10,23 @@ runs seeded from the run's seed and leaves the caller's generators as they were.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
 
 from sls import distributed
 from sls._rng import seeded
-from sls.backbones import truncate
+from sls.backbones import shared_copy, truncate
 from sls.bench import flops, throughput
 from sls.errors import ConfigError
 from sls.experiment import Experiment
 from sls.features import cached_block_features, feature_key_parts
+from sls.petl import trainable_state
 from sls.petl.merge import deployable_model
 from sls.retrain import create_strategy, search_depth, within_budget
 from sls.select import DepthSelector, criterion_options
@@ -89,7 +91,12 @@ def check_finetune(curve: list[dict], test_accuracy: float, num_classes: int) ->
 
 
 def score_blocks(exp: Experiment, criterion: str | None = None) -> DepthSelector:
-    """One pass (cached) for every block's pooled feature, then scores, threshold and k."""
+    """One pass (cached) for every block's pooled feature, then scores, threshold and k.
+
+    The run's own criterion scores only the blocks its rule reads (top-down, down to
+    the first block below T; ``selector.scored_blocks_``) unless ``score_all``, further
+    ``alphas`` or several t-SNE seeds ask for every block; another ``criterion`` (a
+    study) scores them all."""
     cfg, bb = exp.config, exp.backbone
     key = feature_key_parts(exp.data, "train", exp.analysed, bb.img_size, bb.mean, bb.std, bb.interpolation)
     compute = exp.task.block_features
@@ -103,8 +110,9 @@ def score_blocks(exp: Experiment, criterion: str | None = None) -> DepthSelector
     options = {"tsne": cfg.tsne, "perplexity": cfg.perplexity, "n_jobs": -1, "progress": cfg.progress}
     if criterion is not None and criterion != cfg.criterion:
         options = {key: value for key, value in options.items() if key in criterion_options(criterion)}
+    every = cfg.score_all or bool(cfg.alphas) or (criterion is not None and criterion != cfg.criterion)
     selector = DepthSelector(alpha=cfg.alpha, criterion=criterion or cfg.criterion, random_state=cfg.tsne_seed,
-                             n_seeds=cfg.tsne_seeds, **options)  # fmt: skip
+                             n_seeds=cfg.tsne_seeds, blocks="all" if every else "needed", **options)  # fmt: skip
     return distributed.run_on_main(selector.fit, *analysis)  # t-SNE once; other processes get k from it
 
 
@@ -122,8 +130,12 @@ def decisions_per_alpha(exp: Experiment, selector: DepthSelector) -> list[dict]:
 
 
 def prune(exp: Experiment, depth: int) -> nn.Module:
-    """A copy of the fine-tuned model with blocks depth+1..N really removed."""
-    return truncate(copy.deepcopy(exp.model), depth)
+    """A copy of the fine-tuned model with blocks depth+1..N really removed. The copy
+    shares the frozen backbone tensors with the fine-tuned model
+    (:func:`~sls.backbones.shared_copy`): its own are the trainable ones. Seeded: a
+    Swin cut before its last stage gets the same fresh norm and head every time."""
+    with seeded(exp.config.seed):
+        return truncate(shared_copy(exp.model), depth)
 
 
 def retrain_pruned(exp: Experiment, pruned: nn.Module, strategy: str | None = None, *, curve: bool = True,
@@ -149,17 +161,32 @@ def retrain_pruned(exp: Experiment, pruned: nn.Module, strategy: str | None = No
     return rows
 
 
-def budget_search(exp: Experiment, start: int) -> dict:
+@dataclass
+class BudgetSearch:
+    """What :func:`budget_search` found: the record's entry, and per depth it retrained,
+    the retrained trainable tensors and the retraining curve, so the chosen depth is
+    not retrained a second time."""
+
+    entry: dict
+    retrained: dict[int, tuple[dict[str, torch.Tensor], list[dict]]] = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        return int(self.entry["chosen_depth"])
+
+
+def budget_search(exp: Experiment, start: int) -> BudgetSearch:
     """The smallest depth whose accuracy on the validation split stays within
     ``config.max_drop`` points of the full model's there (:func:`sls.retrain.search_depth`
     from ``start``, SLS's k). Each depth tried is truncated from the fine-tuned model and
-    retrained as the task will be (not at all with ``retrain=False``); the test split is
-    never looked at. Every depth tried and the full model are then timed in one run.
+    retrained as the task will be (not at all with ``retrain=False``), its curve
+    included; the test split is never looked at. Every depth tried and the full model
+    are then timed in one run, as truncations of one deployable copy.
 
     Returns:
-        the record's ``budget_search`` entry: the chosen depth and, per depth tried,
+        the record's ``budget_search`` entry (the chosen depth and, per depth tried,
         its validation accuracy, drop in points, whether it is within budget and its
-        throughput.
+        throughput), and the tensors and curve of each depth retrained.
     """
     cfg, n_blocks, runtime = exp.config, exp.backbone.num_blocks, exp.runtime
     if exp.val_loader is None:
@@ -169,26 +196,33 @@ def budget_search(exp: Experiment, start: int) -> dict:
         warnings.warn(f"{overlap} validation images are also training images (VTAB-1k trains on train800val200, "
                       "which holds val200): the accuracies that choose k are optimistic", stacklevel=2)  # fmt: skip
     full = exp.quality(exp.model, exp.val_loader, "val full")
+    retrained: dict[int, tuple[dict[str, torch.Tensor], list[dict]]] = {}
 
     def evaluate(depth: int) -> float:
         pruned = prune(exp, depth)
-        if cfg.retrain:
-            retrain_pruned(exp, pruned, curve=False)
-        return exp.quality(pruned, exp.val_loader, f"val k={depth}")
+        if not cfg.retrain:
+            return exp.quality(pruned, exp.val_loader, f"val k={depth}")
+        rows = retrain_pruned(exp, pruned)  # the last epoch's validation pass is the depth's accuracy
+        retrained[depth] = ({name: t.detach().clone() for name, t in trainable_state(pruned).items()}, rows)
+        return rows[-1]["val_accuracy"]
 
     search = search_depth(evaluate, start=start, n_blocks=n_blocks, full_accuracy=full, max_drop=cfg.max_drop)
     exp.log(f"--max-drop {cfg.max_drop:g}: k = {search.depth} after {search.evaluations} depth(s) tried from {start}")
     depths = sorted({depth for depth, _ in search.tried} | {n_blocks})
-    # Timed as deployed (LoRA and RepAdapter folded), like every other figure.
-    models = {str(d): deployable_model(exp.model if d == n_blocks else prune(exp, d)) for d in depths}
+    # Timed as deployed (LoRA and RepAdapter folded), like every other figure: one folded
+    # copy, each depth a truncation sharing its tensors (the tensors' values do not change a time).
+    deployed = deployable_model(exp.model)
+    models = {str(d): deployed if d == n_blocks else truncate(shared_copy(deployed, share_trainable=True), d)
+              for d in depths}  # fmt: skip
     rates = distributed.run_on_main(throughput, models, batch_size=cfg.throughput_batch,
                                     img_size=exp.backbone.img_size, runtime=runtime)  # fmt: skip
     work = {key: flops(model, img_size=exp.backbone.img_size) for key, model in models.items()}
+    del models, deployed
     tried = [{"depth": depth, "val_accuracy": acc, "drop_points": 100 * (full - acc),
               "within_budget": within_budget(acc, full, cfg.max_drop), "throughput": rates[str(depth)],
               "speedup": rates[str(depth)] / rates[str(n_blocks)], "flops": work[str(depth)]}
              for depth, acc in search.tried]  # fmt: skip
-    return {
+    entry = {
         "max_drop_points": cfg.max_drop,
         "split": "val",
         "val_images": len(exp.val_loader.dataset),
@@ -204,3 +238,4 @@ def budget_search(exp: Experiment, start: int) -> dict:
         "tried": tried,
         "throughput_batch": cfg.throughput_batch,
     }
+    return BudgetSearch(entry, retrained)

@@ -40,7 +40,8 @@ LEGACY_FILES = {"task": {"file": "task.safetensors"}, "finetuned": {"file": "fin
 """The tensor files of a record before format 3 (no hash to check them against)."""
 _REQUIRED = ("backbone", "petl", "depth", "num_classes")
 _BACKBONE_KEYS = ("model", "fingerprint", "num_blocks", "img_size", "mean", "std")
-_OPTIONAL = ("criterion", "tsne", "alpha", "scores", "scores_std", "depths_per_seed", "threshold", "selected_depth",
+_OPTIONAL = ("criterion", "tsne", "alpha", "scores", "scores_std", "scored_blocks", "depths_per_seed", "threshold",
+             "selected_depth",
              "selection_reason", "selection_margin", "passing_below", "depth_per_alpha", "budget_search",
              "retrain_strategy", "retrain_options", "retrain_epochs", "retrain_budget", "finetune_check")  # fmt: skip
 
@@ -82,8 +83,10 @@ class TaskRecord:
     criterion: str | None = None
     tsne: dict | None = None
     alpha: float | None = None
-    scores: list[float] | None = None
-    scores_std: list[float] | None = None
+    scores: list[float | None] | None = None
+    scores_std: list[float | None] | None = None
+    scored_blocks: list[int] | None = None
+    """The blocks scored (1-based); ``scores`` holds None for the others (see ``--score-all``)."""
     depths_per_seed: list[int] | None = None
     threshold: float | None = None
     selected_depth: int | None = None

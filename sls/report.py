@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,20 @@ from sls._io import atomic_write, write_text
 
 
 def scores_csv(scores: np.ndarray, threshold: float, depth: int) -> str:
-    """CSV text: one row per block with its score, whether it passes T, whether it is kept."""
+    """CSV text: one row per block with its score, whether it passes T, whether it is kept
+    (score and pass left empty for a block not scored: None or NaN)."""
     lines = ["block,score,passes_threshold,kept"]
-    for block, score in enumerate(scores, start=1):
-        lines.append(f"{block},{score:.6f},{int(score >= threshold)},{int(block <= depth)}")
+    for block, score in enumerate(_floats(scores), start=1):
+        if math.isnan(score):
+            lines.append(f"{block},,,{int(block <= depth)}")
+        else:
+            lines.append(f"{block},{score:.6f},{int(score >= threshold)},{int(block <= depth)}")
     return "\n".join(lines) + "\n"
+
+
+def _floats(values) -> np.ndarray:
+    """Scores as floats, a block not scored (None) as NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 def write_scores_csv(path: str | Path, scores: np.ndarray, threshold: float, depth: int) -> Path:
@@ -39,12 +49,19 @@ def _save_png(fig, path: str | Path) -> Path:
 
 
 def _draw_scores(ax, scores, threshold, depth, *, std=None, title="", ylabel="score") -> None:
+    scores = _floats(scores)
+    std = None if std is None else np.nan_to_num(_floats(std))
     blocks = np.arange(1, len(scores) + 1)
     colors = ["tab:blue" if b <= depth else "tab:gray" for b in blocks]
     ax.bar(blocks, scores, color=colors, alpha=0.35, width=0.7)
     ax.errorbar(blocks, scores, yerr=std, fmt="o-", color="tab:blue", capsize=3, label="score per block")
     ax.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold T = {threshold:.3f}")
     ax.axvline(depth + 0.5, color="black", linestyle=":", label=f"k = {depth} (blocks > k dropped)")
+    unscored = blocks[np.isnan(scores)]
+    if unscored.size:  # left out by the lazy walk: the rule never reads them
+        low = np.nanmin(scores) if np.isfinite(scores).any() else 0.0
+        for block in unscored:
+            ax.text(block, low, "not\nscored", ha="center", va="bottom", fontsize=6, color="tab:gray")
     ax.set_xticks(blocks)
     ax.set_xlabel("block")
     ax.set_ylabel(ylabel)
@@ -193,7 +210,7 @@ def depth_distribution(depths: list[int]) -> str:
 
 def scores_line(record: dict) -> str:
     """``"sls scores, blocks 1..N: ...; T = ...; k = K of N blocks"`` for a pruned task's record."""
-    scores = " ".join(f"{v:.3f}" for v in record["scores"])
+    scores = " ".join("-" if v is None else f"{v:.3f}" for v in record["scores"])
     return (f"{record.get('criterion', 'sls')} scores, blocks 1..{len(record['scores'])}: {scores}; "
             f"T = {record['threshold']:.3f}; k = {record['depth']} of {record['backbone']['num_blocks']} blocks")
 

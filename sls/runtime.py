@@ -17,6 +17,13 @@ features for the layer criteria are always computed in float32 (see
 :func:`sls.backbones.block_features`): ``amp`` speeds up training, evaluation and
 inference, and leaves the scores that choose k to float32.
 
+``compile`` runs the models through :func:`torch.compile` (training, evaluation, the
+feature pass and throughput): the first call of each model and input shape compiles
+(tens of seconds on a CPU), the later ones run the compiled code. Where the platform
+cannot compile (no C++ compiler, an unsupported Python or device), the first call
+says so in one warning and the model runs eagerly from then on: the results are the
+same, only slower. ``bench/compile_cost.py`` measures compile time against time saved.
+
 The channels-last layout changes only 4-D tensors: in a ViT or a Swin that is the
 patch embedding's convolution and the input batch, so expect little from it on these
 models; it is offered for the GPU path and measured in ``bench/gpu_throughput.py``.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -79,22 +87,33 @@ class Runtime:
         device: where :meth:`place` puts a model (batches follow the model's device).
         amp: autocast the forward pass to 16-bit floats (see :meth:`amp_dtype`).
         channels_last: keep the model's 4-D weights and the input batches channels-last.
+        compile: run the models through :func:`torch.compile` (see :meth:`compiled`).
     """
 
     device: torch.device = torch.device("cpu")
     amp: bool = False
     channels_last: bool = False
+    compile: bool = False
 
     @classmethod
-    def from_options(cls, device: str = "auto", amp: bool = False, channels_last: bool = False) -> Runtime:
-        """The runtime of a command's ``--device`` (see :func:`resolve_device`), ``--amp``
-        and ``--channels-last``."""
-        return cls(device=resolve_device(device), amp=bool(amp), channels_last=bool(channels_last))
+    def from_options(cls, device: str = "auto", amp: bool = False, channels_last: bool = False,
+                     compile: bool = False) -> Runtime:  # fmt: skip
+        """The runtime of a command's ``--device`` (see :func:`resolve_device`), ``--amp``,
+        ``--channels-last`` and ``--compile``."""
+        return cls(device=resolve_device(device), amp=bool(amp), channels_last=bool(channels_last),
+                   compile=bool(compile))  # fmt: skip
 
     def describe(self) -> dict:
         """What the record keeps of where a stage ran."""
         return {"device": str(self.device), "amp": self.amp, "channels_last": self.channels_last,
-                "threads": torch.get_num_threads()}  # fmt: skip
+                "compile": self.compile, "threads": torch.get_num_threads()}  # fmt: skip
+
+    def compiled(self, model: nn.Module) -> nn.Module:
+        """``model`` as the runtime runs it: itself, or with ``compile`` a
+        :class:`CompiledModel` that compiles at its first call and falls back to eager
+        (one warning) where compiling fails. The same module compiled twice shares
+        torch's compiled code (its cache is keyed by the module and the input shapes)."""
+        return CompiledModel(model) if self.compile else model
 
     def amp_dtype(self, device: torch.device) -> torch.dtype | None:
         """bfloat16 on CPU and on GPUs that have it, float16 on the others; None without amp."""
@@ -128,3 +147,35 @@ class Runtime:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
+
+
+COMPILE_FAILURES: list[str] = []
+"""Why compiling failed in this process (one line each), for the record and the tests."""
+
+
+class CompiledModel(nn.Module):
+    """``torch.compile(model)`` that falls back to ``model`` itself, with one warning, when
+    its first call fails to compile. Only the first call falls back: a later error is the
+    model's own and is raised. Parameters and state are ``model``'s (nothing is copied)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._compiled = None if COMPILE_FAILURES else torch.compile(model)
+        self._checked = False
+
+    def forward(self, *args, **kwargs):
+        if self._compiled is None:
+            return self.model(*args, **kwargs)
+        if self._checked:
+            return self._compiled(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any backend failure: run eagerly
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+            COMPILE_FAILURES.append(reason)
+            warnings.warn(f"--compile: torch.compile cannot compile here ({reason}); running eagerly", stacklevel=2)
+            self._compiled = None
+            return self.model(*args, **kwargs)
+        self._checked = True
+        return out

@@ -59,7 +59,9 @@ def select_depth(scores: np.ndarray, alpha: float, kind: str = "quality") -> Dep
     the first block i with SC_i < T stops the walk and k = i + 1, the lowest block of
     the contiguous run of passing blocks at the top. If no block fails, k = 1. If
     SC_N <= 0 the rule is undefined: a warning is issued and all N blocks are kept.
-    If block N itself fails (alpha > 1), all N blocks are kept.
+    If block N itself fails (alpha > 1), all N blocks are kept. A NaN score marks a block
+    that was not scored (``blocks="needed"``): the walk never reads one below its stop,
+    and reaching one is an error; ``passing_below`` counts scored blocks only.
 
     ``kind="importance"``: T = alpha * max_i SC_i; the tail blocks below T are
     dropped, so k is the highest block with SC_k >= T (a non-positive maximum keeps
@@ -72,6 +74,8 @@ def select_depth(scores: np.ndarray, alpha: float, kind: str = "quality") -> Dep
         raise ConfigError(f"alpha must be a finite number >= 0, got {alpha}")
     n_blocks = scores.size
     if kind == "importance":
+        if np.isnan(scores).any():
+            raise ScoreError("an importance criterion's rule needs every block's score")
         peak = scores.max()
         threshold = float(alpha * peak)
         if peak <= 0:
@@ -82,6 +86,8 @@ def select_depth(scores: np.ndarray, alpha: float, kind: str = "quality") -> Dep
     if kind != "quality":
         raise ConfigError(f"unknown criterion kind {kind!r}")
     top = scores[-1]
+    if np.isnan(top):
+        raise ScoreError("the top block was not scored; the rule starts from it")
     threshold = float(alpha * top)
     if top <= 0:
         warnings.warn(
@@ -91,6 +97,9 @@ def select_depth(scores: np.ndarray, alpha: float, kind: str = "quality") -> Dep
         )
         return DepthDecision(n_blocks, threshold, "top-nonpositive")
     for block in range(n_blocks, 0, -1):
+        if np.isnan(scores[block - 1]):
+            raise ScoreError(f"block {block} was not scored, and the rule at alpha = {alpha:g} needs it; "
+                             "score every block (DepthSelector(blocks='all'), --score-all)")  # fmt: skip
         if scores[block - 1] < threshold:
             if block == n_blocks:
                 return DepthDecision(n_blocks, threshold, "top-fails")
@@ -139,6 +148,13 @@ class DepthSelector(BaseEstimator):
         n_jobs: worker processes for scoring blocks, as in scikit-learn: None means 1
             (unless inside a ``joblib.parallel_config`` context), -1 one per core.
         progress: show a progress bar.
+        blocks: ``"all"`` scores every block; ``"needed"`` only those the stop rule
+            reads: block N, then down to the first block below T (top-down, as many
+            at a time as there are workers, so at most ``n_jobs - 1`` more). The others
+            are NaN in ``scores_`` and ``scored_blocks_`` lists those scored. It applies
+            to a quality criterion that scores each block on its own
+            (``Criterion.per_block``: ``sls``, ``silhouette``, ``probe``) with one seed;
+            any other scores every block.
 
     ``tsne``, ``perplexity`` and ``pca_dims`` shape the scores: :meth:`fit` refuses a
     value other than the default for a criterion that does not take them
@@ -161,7 +177,9 @@ class DepthSelector(BaseEstimator):
         passing_below_: blocks under the stop that pass T again (non-monotone scores).
         kind_: the criterion's kind (``"quality"`` or ``"importance"``).
         embeddings_: scaled 2-D t-SNE points per block of the first seed (``sls`` only,
-            else None).
+            else None; None for a block not scored).
+        scored_blocks_: the 1-based blocks scored, ascending (all of them unless
+            ``blocks="needed"`` left some out).
         n_blocks_: number of blocks scored.
         n_features_in_: width of the blocks' features (of the last block when the
             widths differ, e.g. across Swin stages).
@@ -178,6 +196,7 @@ class DepthSelector(BaseEstimator):
         n_seeds: int = 1,
         n_jobs: int | None = None,
         progress: bool = False,
+        blocks: str = "all",
     ) -> None:
         self.alpha = alpha
         self.criterion = criterion
@@ -188,6 +207,7 @@ class DepthSelector(BaseEstimator):
         self.n_seeds = n_seeds
         self.n_jobs = n_jobs
         self.progress = progress
+        self.blocks = blocks
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -224,8 +244,12 @@ class DepthSelector(BaseEstimator):
         # first is the paper's exact t-SNE, the others jitter its start).
         takes_run = "run" in inspect.signature(criterion.score).parameters
         runs, embeddings = [], None
+        lazy = self.blocks == "needed" and criterion.kind == "quality" and criterion.per_block and len(seeds) == 1
         try:
-            for run, seed in enumerate(seeds):
+            if lazy:
+                scores, embeddings = self._score_needed(criterion, features, y, block_input, seeds[0], takes_run)
+                runs.append(scores)
+            for run, seed in enumerate(seeds if not lazy else []):
                 extra = {"run": run} if takes_run else {}
                 scores = criterion.score(features, y, block_input=block_input, random_state=seed, **extra)
                 runs.append(np.asarray(scores, dtype=np.float64))
@@ -238,6 +262,7 @@ class DepthSelector(BaseEstimator):
         self.scores_ = self.scores_per_seed_.mean(axis=0)
         self.scores_std_ = self.scores_per_seed_.std(axis=0)
         self.n_blocks_ = len(self.scores_)
+        self.scored_blocks_ = [int(b) for b in np.flatnonzero(~np.isnan(self.scores_)) + 1]
         self.n_features_in_ = int(np.shape(features[-1])[1])
         self.embeddings_ = embeddings
         with warnings.catch_warnings():  # the rule on the mean warns below, once
@@ -250,6 +275,31 @@ class DepthSelector(BaseEstimator):
         self.margin_ = decision.margin
         self.passing_below_ = list(decision.passing_below)
         return self
+
+    def _score_needed(self, criterion, features, y, block_input, seed, takes_run) -> tuple[np.ndarray, list | None]:
+        """The blocks the stop rule reads, top-down, ``chunk`` at a time (one per worker):
+        scores with NaN for the others, and the embeddings of those scored (if any)."""
+        from joblib import effective_n_jobs
+
+        n_blocks = len(features)
+        chunk = min(effective_n_jobs(self.n_jobs), n_blocks) if "n_jobs" in criterion_options(self.criterion) else 1
+        scores, embeddings = np.full(n_blocks, np.nan), [None] * n_blocks
+        extra = {"run": 0} if takes_run else {}
+        following = n_blocks - 1  # the next block to score (0-based), walking down
+        while following >= 0:
+            batch = list(range(following, max(following - chunk, -1), -1))
+            got = criterion.score([features[i] for i in batch], y, block_input=block_input, random_state=seed,
+                                  **extra)  # fmt: skip
+            points = getattr(criterion, "embeddings_", None)
+            for j, i in enumerate(batch):
+                scores[i] = float(got[j])
+                if points is not None:
+                    embeddings[i] = points[j]
+            following = batch[-1] - 1
+            threshold = self.alpha * scores[-1]
+            if scores[-1] <= 0 or (scores[following + 1:] < threshold).any():
+                break  # the rule stops at a scored block (or is undefined: SC_N <= 0)
+        return scores, (embeddings if any(e is not None for e in embeddings) else None)
 
     def decide(self, alpha: float) -> DepthDecision:
         """The stop rule at ``alpha`` on ``scores_`` (the mean over seeds), without
@@ -267,6 +317,8 @@ class DepthSelector(BaseEstimator):
             raise ConfigError(f"n_seeds must be an integer >= 1, got {self.n_seeds!r}")
         if not _is_int(self.random_state):
             raise ConfigError(f"random_state must be an integer seed, got {self.random_state!r}")
+        if self.blocks not in ("all", "needed"):
+            raise ConfigError(f"blocks must be 'all' or 'needed', got {self.blocks!r}")
         if self.n_jobs is not None and (not _is_int(self.n_jobs) or self.n_jobs == 0):
             raise ConfigError(f"n_jobs must be None, -1 (all cores) or a non-zero integer, got {self.n_jobs!r}")
         cls = criterion_class(self.criterion)

@@ -33,6 +33,7 @@ from sls.bench import measure
 from sls.config import NOT_COMPARED, RUNTIME_KEYS, RunConfig, config_fields, config_yaml, default_out_dir, nearest
 from sls.errors import ConfigError
 from sls.experiment import Experiment, pruned_model
+from sls.petl import trainable_state
 from sls.petl.merge import deployable_model
 from sls.pipeline import (
     budget_search,
@@ -51,7 +52,7 @@ from sls.tasks.render import plot_predictions
 STAGES = ("finetune", "prune", "retrain", "evaluate")
 STAGE_SETTINGS = {
     "prune": ("alpha", "alphas", "criterion", "tsne", "perplexity", "tsne_seed", "tsne_seeds", "depth", "max_drop",
-              "val_samples", "analysis_samples", "force", "throughput_batch", "cache"),
+              "val_samples", "analysis_samples", "force", "throughput_batch", "cache", "score_all"),
     "retrain": ("retrain_epochs", "retrain_strategy", "retrain_options"),
     "evaluate": ("throughput_batch",),
 }
@@ -66,9 +67,10 @@ def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None) -
             where = "a setting of the fine-tune" if key in config_fields() else "not a setting"
             raise ConfigError(f"sls {stage} cannot set {key!r} ({where}){nearest(key, allowed)}; "
                               f"it takes {', '.join(STAGE_SETTINGS[stage])}")  # fmt: skip
-    # Where a stage runs (and whether it caches features) is not part of the task: not
+    # Where a stage runs (and whether it caches features or scores every block) is not part of the task: not
     # given, it is the default, never the record's.
-    settings = {"device": "auto", "amp": False, "channels_last": False, "cache": True, **settings}
+    settings = {"device": "auto", "amp": False, "channels_last": False, "compile": False, "cache": True,
+                "score_all": False, **settings}
     if stage == "prune" and settings.get("depth") is not None and "max_drop" not in settings:
         settings["max_drop"] = None  # a given depth replaces the recorded --max-drop search
     trains = stage == "retrain" or (stage == "prune" and settings.get("max_drop") is not None)
@@ -212,28 +214,44 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
         raise ConfigError(f"the fine-tune of {task_dir} looks failed ({'; '.join(record.finetune_check['problems'])}),"
                           " so its block scores would choose k from noise; fine-tune longer (--epochs, --lr), "
                           "or pass --depth K or --force to prune anyway")  # fmt: skip
-    selector = score_blocks(exp)
+    # A given depth needs no score (nor the feature pass) unless --score-all asks for them.
+    scored = config.depth is None or config.max_drop is not None or config.score_all
+    selector = score_blocks(exp) if scored else None
     record.clear_selection()
     k = config.depth if config.depth is not None else selector.depth_
+    search = None
     if config.max_drop is not None:
-        record.budget_search = budget_search(exp, selector.depth_)
-        k = record.budget_search["chosen_depth"]
+        search = budget_search(exp, selector.depth_)
+        record.budget_search, k = search.entry, search.depth
     pruned = prune(exp, k)
     record.criterion, record.alpha = config.criterion, config.alpha
-    record.tsne = {"backend": config.tsne, "perplexity": config.perplexity, "random_state": config.tsne_seed,
-                   "seeds": len(selector.depths_per_seed_)}  # fmt: skip
-    record.scores = [float(v) for v in selector.scores_]
-    record.scores_std = [float(v) for v in selector.scores_std_]
-    record.depths_per_seed = [int(d) for d in selector.depths_per_seed_]
-    record.threshold, record.selected_depth = float(selector.threshold_), int(selector.depth_)
-    record.selection_reason, record.selection_margin = selector.reason_, selector.margin_
-    record.passing_below, record.depth_per_alpha = selector.passing_below_, decisions_per_alpha(exp, selector)
+    if selector is not None:
+        record.tsne = {"backend": config.tsne, "perplexity": config.perplexity, "random_state": config.tsne_seed,
+                       "seeds": len(selector.depths_per_seed_)}  # fmt: skip
+        record.scores = [None if v != v else float(v) for v in selector.scores_]  # NaN: not scored
+        record.scores_std = [None if v != v else float(v) for v in selector.scores_std_]
+        record.scored_blocks = list(selector.scored_blocks_)
+        record.depths_per_seed = [int(d) for d in selector.depths_per_seed_]
+        record.threshold, record.selected_depth = float(selector.threshold_), int(selector.depth_)
+        record.selection_reason, record.selection_margin = selector.reason_, selector.margin_
+        record.passing_below, record.depth_per_alpha = selector.passing_below_, decisions_per_alpha(exp, selector)
+    else:
+        record.selection_reason = "given"
     record.depth, record.stages = int(k), ["finetune", "prune"]
     record.data["analysed_train_samples"] = int(len(exp.analysed))
     record.data["val_samples"] = int(len(exp.val_loader.dataset)) if exp.val_loader is not None else 0
     record.results["accuracy"]["pruned_no_retrain"] = exp.quality(pruned, exp.test_loader, "test pruned")
     _merge_metrics(record, _dense_metrics(exp, "pruned_no_retrain", "test pruned"))
     _ran(record, exp, "prune", started)
+    if search is not None and k in search.retrained:
+        # The search retrained k as the retrain stage would (same strategy, epochs, seed and
+        # batch order): its tensors are the retrained task, so that stage is done here.
+        tensors, curve = search.retrained[k]
+        with torch.no_grad():
+            for name, tensor in trainable_state(pruned).items():
+                tensor.copy_(tensors[name])
+        _record_retrain(record, exp, curve)
+        _ran(record, exp, "retrain", time.perf_counter())
     _save(task_dir, pruned, record)
     return record
 
@@ -245,10 +263,21 @@ def stage_retrain(task_dir: str | Path, *, progress: bool = True, runtime: Runti
     retraining strategy for its retraining epochs (``settings`` may change both)."""
     started, task_dir = time.perf_counter(), Path(task_dir)
     exp, record = _open(task_dir, "retrain", {**settings, "progress": progress}, runtime)
-    pruned = pruned_model(exp, record, task_dir)
+    # Retrained from the pruned fine-tune (a task retrained by its --max-drop search is
+    # retrained again from there, not from its retrained tensors).
+    pruned = prune(exp, int(record.depth)) if "retrain" in record.stages else pruned_model(exp, record, task_dir)
+    curve = retrain_pruned(exp, pruned) if record.depth < exp.backbone.num_blocks else None
+    _record_retrain(record, exp, curve)
+    _ran(record, exp, "retrain", started)
+    _save(task_dir, pruned, record)
+    return record
+
+
+def _record_retrain(record: TaskRecord, exp: Experiment, curve: list[dict] | None) -> None:
+    """The record of a retraining (``curve`` None: k = N, nothing to retrain)."""
     cfg = exp.config
-    if record.depth < exp.backbone.num_blocks:
-        record.training["retrain"] = retrain_pruned(exp, pruned)
+    if curve is not None:
+        record.training["retrain"] = curve
         steps = exp.retrain_epochs * len(exp.train_loader)
         record.retrain_strategy = cfg.retrain_strategy
         record.retrain_options = create_strategy(cfg.retrain_strategy, **cfg.retrain_options).options
@@ -263,9 +292,6 @@ def stage_retrain(task_dir: str | Path, *, progress: bool = True, runtime: Runti
     record.stages = ["finetune", "prune", "retrain"]
     record.results.pop("throughput", None)
     record.results.pop("measurements", None)
-    _ran(record, exp, "retrain", started)
-    _save(task_dir, pruned, record)
-    return record
 
 
 @_locked
@@ -357,9 +383,9 @@ def run(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
                           "or choose another --retrain-strategy")  # fmt: skip
     out = Path(config.out) if config.out else distributed.run_on_main(default_out_dir, config)  # one time stamp
     config = dataclasses.replace(config, out=str(out))
-    runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last)
+    runtime = runtime or Runtime.from_options(config.device, config.amp, config.channels_last, config.compile)
     later = {"progress": config.progress, **{key: getattr(config, key) for key in RUNTIME_KEYS}}
-    prune_later = {**later, "force": config.force, "cache": config.cache}
+    prune_later = {**later, "force": config.force, "cache": config.cache, "score_all": config.score_all}
     check_writable(out)
     with writing(out):
         done: list[str] = []
@@ -383,7 +409,7 @@ def run(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
         if "finetune" not in done:
             stage_finetune(config, runtime=runtime)
         if "prune" not in done:
-            stage_prune(out, runtime=runtime, **prune_later)
+            done = stage_prune(out, runtime=runtime, **prune_later).stages  # --max-drop may retrain k there
         if config.retrain and "retrain" not in done:
             stage_retrain(out, runtime=runtime, **later)
         record = stage_evaluate(out, runtime=runtime, **later) if "evaluate" not in done else read_record(out)

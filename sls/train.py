@@ -138,7 +138,7 @@ def train(
         raise ConfigError("a custom training objective cannot run data-parallel; run it in one process")
     runtime, device = runtime or Runtime(), model_device(model)
     loader = distributed.shuffled_shard(loader)
-    net = distributed.data_parallel(model)
+    net = runtime.compiled(distributed.data_parallel(model))
     scaler = runtime.grad_scaler(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, lr), lr=lr, weight_decay=weight_decay)
     total = epochs * len(loader)
@@ -199,10 +199,11 @@ def predict(model: nn.Module, loader: DataLoader, *, desc: str = "evaluate", pro
     runtime, device = runtime or Runtime(), model_device(model)
     loader, gather = distributed.ordered_shard(loader)
     model.eval()
+    net = runtime.compiled(model)
     logits, labels = [], []
     for images, targets in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         with runtime.autocast(device):
-            logits.append(model(runtime.inputs(images, device)).float().cpu())
+            logits.append(net(runtime.inputs(images, device)).float().cpu())
         labels.append(torch.as_tensor(targets))
     return gather(torch.cat(logits)), gather(torch.cat(labels))
 

@@ -207,3 +207,24 @@ def test_a_damaged_weights_file_is_one_line_naming_it(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ConfigError, match=f"weights file {tmp_path / name} is not a readable checkpoint"):
         create_backbone("test_vit", num_classes=3, weights=tmp_path / name)
+
+
+def test_a_shared_copy_shares_the_frozen_backbone_and_trains_on_its_own():
+    from sls.backbones import shared_copy
+
+    model, _ = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
+    create_petl("lora").apply(model)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    pruned = truncate(shared_copy(model), 2)
+    theirs = dict(model.named_parameters())
+    for name, param in pruned.named_parameters():
+        assert (param is theirs[name]) == (not param.requires_grad), name  # frozen: one tensor; trainable: its own
+    optimizer = torch.optim.SGD([p for p in pruned.parameters() if p.requires_grad], lr=1.0)
+    pruned(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    assert len(model.blocks) == 6
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
+    # share_trainable: a read-only view for timing, every tensor shared.
+    view = truncate(shared_copy(model, share_trainable=True), 3)
+    assert all(param is theirs[name] for name, param in view.named_parameters())

@@ -100,3 +100,44 @@ def test_the_largest_batch_sets_the_peak_memory_batch(batch_sizes):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16)).eval()
     figures = bench.measure({"m": model}, img_size=4, batch_sizes=batch_sizes)
     assert figures["m"]["peak_memory"]["batch_size"] == max(batch_sizes)
+
+
+def _bench_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_script_runs_unchanged_on_the_cpu(tmp_path, monkeypatch, capsys):
+    import json
+
+    import sls.runtime
+
+    script = _bench_script("gpu_throughput")
+    compiled = []
+    monkeypatch.setattr(sls.runtime, "COMPILE_FAILURES", [])
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)  # a real one: slow test
+    out = tmp_path / "gpu.json"
+    args = script.parse_args(["--device", "cpu", "--models", "test_vit", "--img-size", "32", "--depths", "2,4",
+                              "--batches", "1,4", "--min-time", "0.01", "--warmup-time", "0", "--rounds", "1",
+                              "--json", str(out)])  # fmt: skip
+    assert args.precisions == ["fp32", "bf16"] and args.modes == ["eager", "compiled"]  # the GPU defaults
+    result = script.run(args)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == json.loads(json.dumps(result["rows"]))
+    # eager: full, k=2, k=4; compiled: full and the first k; each at both precisions and batches.
+    assert len(rows) == 2 * 2 * 3 + 2 * 2 * 2
+    assert len(compiled) == 2 * 2 * (2 + 1)  # per precision and model: throughput at each batch, then latency
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["parameters"] > 0
+        if row["batch"] == 1:
+            assert row["latency_ms"]["p50"] > 0
+        if row["variant"] == "full":
+            assert row["speedup"] == 1.0 and row["blocks"] == 6
+    table = capsys.readouterr().out
+    assert "| test_vit | bf16 (bfloat16) | compiled | 4 | k=2 | 2/6 |" in table

@@ -108,7 +108,9 @@ def test_run_and_prune_take_no_cache_and_a_later_stage_does_not_inherit_it(tmp_p
     out = tmp_path / "task"
     assert main(["run", "--model", "test_vit", "--weights", "random", "--data", "digits", "--img-size", "32",
                  "--train-samples", "60", "--test-samples", "30", "--epochs", "1", "--criterion", "cka",
-                 "--depth", "3", "--no-retrain", "--force", "--no-cache", "--quiet", "--out", str(out)]) == 0  # fmt: skip
-    assert main(["prune", str(out), "--quiet"]) == 0  # where features go is not part of the task
-    assert main(["prune", str(out), "--no-cache", "--quiet"]) == 0
+                 "--depth", "3", "--score-all", "--no-retrain", "--force", "--no-cache", "--quiet",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert main(["prune", str(out), "--score-all", "--quiet"]) == 0  # where features go is not part of the task
+    assert main(["prune", str(out), "--score-all", "--no-cache", "--quiet"]) == 0
+    assert main(["prune", str(out), "--quiet"]) == 0  # a given depth scores nothing: no feature pass
     assert seen == [False, True, False]

@@ -26,8 +26,13 @@ def test_run_writes_a_task_and_prints_the_table(tmp_path, capsys):
                                                                "activation": "relu", "placement": "parallel"}}
     assert "GFLOPs per image" in printed and "latency (batch 1" in printed
     assert record["data"]["analysed_train_samples"] == 200
-    # The summary is followed by the rule's margin to T.
-    assert record["selection_reason"] == "rule" and f"margin to T: {record['selection_margin']:.3f}" in printed
+    # The summary is followed by the rule's margin to T when the rule fired (one epoch on
+    # random weights may leave SC_N <= 0: tests/test_stages.py checks the margin line on a
+    # task where it fires).
+    if record["selection_reason"] == "rule":
+        assert f"margin to T: {record['selection_margin']:.3f}" in printed
+    else:
+        assert "margin to T" not in printed and record.get("selection_margin") is None
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from sls.experiment import Experiment, load_task
 from sls.stages import run
 
 SETTINGS = dict(model="test_vit", weights="random", img_size=64, epochs=2, retrain_epochs=1, lr=3e-3, batch_size=4,
-                analysis_samples=60, perplexity=5.0, depth=3, throughput_batch=2, progress=False, cache=False)  # fmt: skip
+                analysis_samples=60, perplexity=5.0, depth=3, score_all=True, throughput_batch=2, progress=False, cache=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_the_feature_cache_tells_regions_from_cells(segmentation_task):
     from sls.tasks import get_task
 
     out, record = segmentation_task
-    exp, _ = Experiment.from_record(out, overrides={"cache": True})
+    exp, _ = Experiment.from_record(out, overrides={"cache": True, "score_all": True})
     regions = score_blocks(exp)
     cached = set(features_dir().glob("*.npz"))
     assert [float(v) for v in score_blocks(exp).scores_] == [float(v) for v in regions.scores_]

@@ -249,3 +249,36 @@ def test_whole_head_pruning_keeps_each_kept_heads_size(loader):
     assert light.blocks[0].attn.num_heads == 2 and light.blocks[0].attn.head_dim == HEAD_DIM
     with pytest.raises(ConfigError, match="unknown DepGraph head mode"):
         depgraph_prune(model, loader, ratio=0.2, heads="some")
+
+
+@pytest.mark.parametrize("petl", [None, "lora", "adapter"])
+@pytest.mark.parametrize("heads", ["dims", "whole"])
+@pytest.mark.parametrize("round_to", [8, None])
+def test_the_closed_form_parameter_count_is_the_pruned_models_at_every_ratio(loader, petl, heads, round_to):
+    from sls.baselines.depgraph import parameter_count_at
+    from sls.petl.merge import merge_for_inference
+
+    model = adapted_vit(petl)
+    closed_form = parameter_count_at(model, loader, round_to=round_to, heads=heads)
+    assert closed_form is not None
+    assert closed_form(0.0) == count(merge_for_inference(model))
+    for ratio in (0.05, 0.13, 0.3, 0.45, 0.62, 0.9):
+        pruned = depgraph_prune(model, loader, ratio=ratio, n_batches=1, importance="magnitude", round_to=round_to,
+                                heads=heads)  # fmt: skip
+        assert closed_form(ratio) == count(pruned), ratio
+
+
+def test_the_ratio_search_traces_one_pruning_and_finds_what_pruning_at_every_step_finds(loader, monkeypatch):
+    import sls.baselines.depgraph as depgraph
+
+    model = adapted_vit("lora")
+    target = count(model) // 3
+    calls = []
+    real_prune = depgraph._prune
+    monkeypatch.setattr(depgraph, "_prune", lambda *a, **k: calls.append(k["ratio"]) or real_prune(*a, **k))
+    ratio = ratio_for_parameter_reduction(model, loader, target)
+    assert len(calls) == 1  # the probe; the bisection reads the closed form
+    monkeypatch.setattr(depgraph, "parameter_count_at", lambda *a, **k: None)  # a pruning per ratio tried
+    calls.clear()
+    assert ratio_for_parameter_reduction(model, loader, target) == ratio
+    assert len(calls) == 12  # both ends and ten halvings

@@ -76,7 +76,7 @@ def test_a_file_size_limit_during_prune_is_one_line_and_the_finetune_stays(finet
     for path in finetuned.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
     limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))"
-    script = f"{limit}\nimport sys\nfrom sls.cli import main\nsys.exit(main(['prune', {str(folder)!r}, '--quiet']))"
+    script = f"{limit}\nimport sys\nfrom sls.cli import main\nsys.exit(main(['prune', {str(folder)!r}, '--score-all', '--quiet']))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "SLS_CACHE": str(tmp_path / "cache")})  # fmt: skip
     assert done.returncode == 2, done.stderr

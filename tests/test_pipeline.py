@@ -88,8 +88,16 @@ def test_same_seed_same_scores_and_k(tiny_run, tmp_path):
 
 def test_forced_depth_and_no_retrain(tmp_path):
     record = run(RunConfig(**TINY | dict(epochs=1), depth=2, retrain=False, out=str(tmp_path / "t"))).to_dict()
-    assert record["selected_depth"] != 2 or record["selection_reason"] == "rule"
+    # A given depth scores no block: no feature pass, no t-SNE.
+    assert record["selection_reason"] == "given"
+    assert "scores" not in record and "selected_depth" not in record and "scored_blocks" not in record
+    assert not (tmp_path / "t" / "scores.png").exists()
     assert record["depth"] == 2
     assert record["results"]["accuracy"]["pruned_retrained"] is None
     model, _ = load_task(tmp_path / "t")
     assert len(model.blocks) == 2
+    # --score-all scores every block all the same, and k stays the one given.
+    scored = run(RunConfig(**TINY | dict(epochs=1), depth=2, retrain=False, score_all=True,
+                           out=str(tmp_path / "s"))).to_dict()  # fmt: skip
+    assert scored["depth"] == 2 and scored["scored_blocks"] == list(range(1, 7))
+    assert None not in scored["scores"] and scored["selected_depth"] >= 1

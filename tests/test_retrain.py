@@ -257,6 +257,42 @@ def test_budget_search_in_the_prune_stage_uses_the_validation_split(finetuned_ta
     assert json.loads((task / "record.json").read_text())["budget_search"] == search
 
 
+def test_a_budget_search_retrains_the_chosen_depth_once_and_as_the_retrain_stage_would(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from sls.stages import stage_retrain
+
+    task = tmp_path / "task"
+    retrainings = []
+    real_retrain = sls.pipeline.retrain_pruned
+
+    def counted_retrain(exp, pruned, *args, **kwargs):
+        retrainings.append(len(pruned.blocks))
+        return real_retrain(exp, pruned, *args, **kwargs)
+
+    monkeypatch.setattr(sls.pipeline, "retrain_pruned", counted_retrain)
+    monkeypatch.setattr(sls.stages, "retrain_pruned", counted_retrain)
+    # The prune stage's search retrains, and run() does not retrain k again.
+    record = run(dataclasses.replace(TINY, max_drop=100.0, out=str(task))).to_dict()
+    search = record["budget_search"]
+    k = record["depth"]
+    assert len(retrainings) == search["retrainings"] == len(search["tried"]) and k in retrainings
+    assert record["stages"] == ["finetune", "prune", "retrain", "evaluate"]
+    assert [run_["stage"] for run_ in record["runs"]][-3:] == ["prune", "retrain", "evaluate"]
+    # The curve of the chosen depth, its last validation accuracy the one that chose it.
+    chosen = next(row for row in search["tried"] if row["depth"] == k)
+    assert record["training"]["retrain"][-1]["val_accuracy"] == chosen["val_accuracy"]
+    assert record["retrain_strategy"] == "clr" and record["retrain_epochs"] == 1
+    searched = load_file(task / record["files"]["task"]["file"])
+    # The retrain stage run again starts from the pruned fine-tune and gives the same tensors.
+    again = stage_retrain(task, progress=False).to_dict()
+    assert len(retrainings) == search["retrainings"] + 1
+    retrained = load_file(task / again["files"]["task"]["file"])
+    assert searched.keys() == retrained.keys()
+    for name in searched:
+        torch.testing.assert_close(retrained[name], searched[name], rtol=0, atol=0, msg=name)
+
+
 def test_several_alphas_report_one_k_each_from_one_scoring(finetuned_task, tmp_path, monkeypatch, capsys):
     task = _copy_task(finetuned_task, tmp_path)
     criterion = criterion_class("sls")

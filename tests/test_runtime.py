@@ -122,3 +122,68 @@ def test_train_predict_and_throughput_on_cuda_with_amp(tiny_images):
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, reference, atol=0.1, rtol=0.05)
     assert next(model.parameters()).device.type == "cuda" and rates["full"] > 0
+
+
+@pytest.fixture
+def fresh_compile_state(monkeypatch):
+    import sls.runtime
+
+    monkeypatch.setattr(sls.runtime, "COMPILE_FAILURES", [])
+    return sls.runtime
+
+
+def test_compile_reaches_training_prediction_and_throughput(tiny_images, monkeypatch, fresh_compile_state):
+    images, labels = tiny_images
+    compiled = []
+
+    def spy_compile(model, **kwargs):  # stands in for torch.compile: records what it was given
+        compiled.append(type(model).__name__)
+        return model
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    model = tiny_lora_vit()
+    runtime = Runtime(compile=True)
+    reference, _ = predict(model, loader_of(images, labels), progress=False)
+    got, _ = predict(model, loader_of(images, labels), progress=False, runtime=runtime)
+    torch.testing.assert_close(got, reference, rtol=0, atol=0)
+    train(model, loader_of(images, labels, shuffle=True), epochs=1, lr=1e-2, progress=False, runtime=runtime)
+    throughput({"full": model}, batch_size=4, img_size=32, min_time=0.01, rounds=1, runtime=runtime)
+    assert compiled == ["VisionTransformer"] * 3
+    assert Runtime(compile=False).compiled(model) is model and runtime.describe()["compile"] is True
+    args = build_parser().parse_args(["run", "--compile", "--device", "cpu"])
+    assert _config_from(args).compile and not RunConfig.compile
+
+
+def test_a_platform_that_cannot_compile_runs_eagerly_after_one_warning(tiny_images, monkeypatch, fresh_compile_state):
+    images, _ = tiny_images
+
+    def failing_compile(model, **kwargs):
+        def forward(*args, **kw):
+            raise RuntimeError("InductorError: no working C++ compiler found\nsee the log")
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    model = tiny_lora_vit()
+    with torch.inference_mode():
+        expected = model(images[:4])
+        with pytest.warns(UserWarning, match="cannot compile here .*no working C\\+\\+ compiler found see the log"):
+            got = Runtime(compile=True).compiled(model)(images[:4])
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert len(fresh_compile_state.COMPILE_FAILURES) == 1
+        import warnings
+
+        with warnings.catch_warnings():  # the next model does not try (and warn) again
+            warnings.simplefilter("error")
+            torch.testing.assert_close(Runtime(compile=True).compiled(model)(images[:4]), expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # a real compile takes about a minute on this CPU
+def test_a_real_compile_gives_the_eager_outputs(tiny_images, fresh_compile_state):
+    images, _ = tiny_images
+    model = tiny_lora_vit()
+    with torch.inference_mode():
+        expected = model(images[:8])
+        got = Runtime(compile=True).compiled(model)(images[:8])
+    assert not fresh_compile_state.COMPILE_FAILURES
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

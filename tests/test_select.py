@@ -246,7 +246,7 @@ def test_get_params_clone_and_repr():
 
     selector = DepthSelector(alpha=0.25, tsne="opentsne-fft", n_seeds=3)
     assert set(selector.get_params()) == {"alpha", "criterion", "tsne", "perplexity", "pca_dims", "random_state",
-                                          "n_seeds", "n_jobs", "progress"}  # fmt: skip
+                                          "n_seeds", "n_jobs", "progress", "blocks"}  # fmt: skip
     copy = clone(selector)
     assert copy is not selector and copy.get_params() == selector.get_params()
     assert repr(selector) == "DepthSelector(alpha=0.25, n_seeds=3, tsne='opentsne-fft')"
@@ -381,3 +381,82 @@ def test_tsne_agreement_compares_every_backend_with_sklearns():
     assert result["backends"]["opentsne"]["max_abs_diff"] < 0.1
     with pytest.raises(ConfigError, match="at least one"):
         tsne_agreement(features, labels, backends=())
+
+
+class _CountingSilhouette(Criterion):
+    """The raw silhouette, counting the blocks it is asked to score."""
+
+    name = "counting-silhouette"
+    kind = "quality"
+    per_block = True
+    calls: list[int] = []
+
+    def __init__(self, n_jobs: int | None = None) -> None:
+        self.n_jobs = n_jobs
+
+    def score(self, features, labels, *, block_input=None, random_state=0):
+        from sklearn.metrics import silhouette_score
+
+        type(self).calls.append(len(features))
+        return np.array([silhouette_score(f, labels) for f in features])
+
+
+@pytest.mark.parametrize("n_jobs, chunk", [(1, 1), (2, 2), (3, 3)])
+@pytest.mark.parametrize("separations", [
+    [0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 4.0],  # rising: the walk stops in the middle
+    [3.0, 3.0, 3.0, 3.0, 3.0, 3.0],  # flat: every block passes, k = 1
+    [0.0, 3.0, 0.0, 2.0, 3.0, 4.0],  # non-monotone: blocks under the stop pass again
+])  # fmt: skip
+def test_scoring_only_the_needed_blocks_gives_the_same_decision(monkeypatch, separations, n_jobs, chunk):
+    monkeypatch.setitem(_CRITERIA._classes, _CountingSilhouette.name, _CountingSilhouette)
+    features, labels = blob_features(separations)
+    every = DepthSelector(alpha=0.5, criterion="counting-silhouette", n_jobs=n_jobs).fit(features, labels)
+    _CountingSilhouette.calls = []
+    needed = DepthSelector(alpha=0.5, criterion="counting-silhouette", n_jobs=n_jobs, blocks="needed").fit(
+        features, labels)
+    n_blocks = len(separations)
+    assert (needed.depth_, needed.threshold_, needed.reason_, needed.margin_) == (
+        every.depth_, every.threshold_, every.reason_, every.margin_)
+    # Block N, then down to the block that stopped the walk (k - 1), in chunks of n_jobs.
+    stop = every.depth_ - 1 if every.reason_ == "rule" else 1
+    first_scored = max(1, n_blocks - chunk * -(-(n_blocks - stop + 1) // chunk) + 1)
+    assert needed.scored_blocks_ == list(range(first_scored, n_blocks + 1))
+    assert sum(_CountingSilhouette.calls) == len(needed.scored_blocks_)
+    assert all(size <= chunk for size in _CountingSilhouette.calls)
+    scored = np.array(needed.scored_blocks_) - 1
+    np.testing.assert_array_equal(needed.scores_[scored], every.scores_[scored])
+    assert np.isnan(np.delete(needed.scores_, scored)).all()
+    assert every.scored_blocks_ == list(range(1, n_blocks + 1))
+    # Passing blocks under the stop are reported among those scored only.
+    assert set(needed.passing_below_) <= set(every.passing_below_)
+
+
+def test_a_rule_reaching_a_block_not_scored_is_refused():
+    features, labels = blob_features([0.0, 2.0, 2.5, 4.0])
+    needed = DepthSelector(alpha=0.95, criterion="silhouette", blocks="needed").fit(features, labels)
+    assert needed.scored_blocks_ == [3, 4]
+    with pytest.raises(ScoreError, match="block 2 was not scored"):
+        needed.decide(0.05)  # a lower T passes block 3 and would read block 2
+    assert needed.decide(0.95).depth == needed.depth_ == 4
+
+
+def test_needed_blocks_fall_back_to_every_block_where_the_rule_needs_them():
+    features, labels = blob_features([0.0, 0.1, 2.0, 3.0])
+    for selector in (DepthSelector(criterion="silhouette", n_seeds=2, blocks="needed"),  # deterministic: one run
+                     DepthSelector(criterion="cka", blocks="needed"),  # scores against the last block
+                     DepthSelector(criterion="random", n_seeds=2, blocks="needed")):  # fmt: skip
+        selector.fit(features, labels)
+        expected = [2, 3, 4] if selector.criterion == "silhouette" else [1, 2, 3, 4]
+        assert selector.scored_blocks_ == expected, selector.criterion
+    with pytest.raises(ConfigError, match="blocks must be"):
+        DepthSelector(blocks="some").fit(features, labels)
+
+
+def test_the_torchdr_backend_orders_blocks_as_sklearn_does_and_is_seeded():
+    features, labels = blob_features([0.0, 1.0, 3.0], n_per_class=40)
+    torchdr = DepthSelector(tsne="torchdr", n_jobs=1, random_state=3).fit(features, labels)
+    sklearn_ = DepthSelector(n_jobs=1, random_state=3).fit(features, labels)
+    assert torchdr.scores_[0] < torchdr.scores_[1] < torchdr.scores_[2] and torchdr.scores_[2] > 0.5
+    assert np.abs(torchdr.scores_ - sklearn_.scores_).max() < 0.2
+    again = DepthSelector(tsne="torchdr", n_jobs=1, random_state=3).fit(features, labels)
+    np.testing.assert_array_equal(again.scores_, torchdr.scores_)

@@ -21,7 +21,7 @@ from sls.stages import run
 # A small task that prunes (depth 3 of 6) and retrains; cka scores need no t-SNE.
 QUICK = RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=60, test_samples=30,
                   analysis_samples=None, epochs=1, retrain_epochs=1, lr=3e-2, batch_size=16, throughput_batch=2,
-                  criterion="cka", depth=3, force=True, cache=False, progress=False)  # fmt: skip
+                  criterion="cka", depth=3, score_all=True, force=True, cache=False, progress=False)  # fmt: skip
 # No feature cache: a cache warm or cold would shift the write boundaries between runs.
 
 

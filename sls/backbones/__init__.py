@@ -24,6 +24,7 @@ populated cache with ``HF_HUB_OFFLINE=1`` works without a network.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import pickle
@@ -488,6 +489,23 @@ def num_blocks(model: nn.Module) -> int:
 def pool_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """One block's output pooled the way :func:`block_features` pools it (the family's rule)."""
     return _FAMILIES[_family(model)].pool_tokens(model, tokens)
+
+
+def shared_copy(model: nn.Module, *, share_trainable: bool = False) -> nn.Module:
+    """A deep copy of ``model`` that shares its frozen parameters with it (and, with
+    ``share_trainable``, every parameter and buffer): a second model that costs its
+    modules, trainable tensors and buffers, not a second backbone.
+
+    Only the trainable tensors ever change in place (training, :func:`load_tensors
+    <sls.artifact.load_tensors>`), so a pruned copy trains and loads without touching the
+    original. Folding PETL modules into their layers (:func:`sls.petl.merge.deployable_model`)
+    deep-copies first, so it is safe on a shared copy too; ``share_trainable`` is for a
+    copy only read (timing a truncation of a model that is not trained any more).
+    """
+    shared = [p for p in model.parameters() if share_trainable or not p.requires_grad]
+    if share_trainable:
+        shared += list(model.buffers())
+    return copy.deepcopy(model, memo={id(tensor): tensor for tensor in shared})
 
 
 def truncate(model: nn.Module, depth: int) -> nn.Module:

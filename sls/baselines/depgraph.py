@@ -48,7 +48,9 @@ torch-pruning is an optional dependency: ``pip install torch-pruning``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
@@ -374,6 +376,74 @@ def _count(model: nn.Module) -> int:
     return sum(param.numel() for param in model.parameters())
 
 
+def _group_widths(model: nn.Module, heads: str) -> list[tuple[int, object]]:
+    """The coupled groups a uniform ratio prunes, as (full width, ratio -> kept width):
+    the residual stream, each attention's head dims (or heads) and each MLP's hidden units
+    (:func:`_group_ratios`' counts; one entry per distinct width)."""
+    net = model.encoder if _is_dense(model) else model
+    groups = {("residual", net.patch_embed.proj.out_channels)}
+    for block in vit.blocks(net):
+        groups.add(("heads" if heads == "whole" else "head_dim",
+                    block.attn.num_heads if heads == "whole" else block.attn.head_dim))  # fmt: skip
+        groups.add(("mlp", block.mlp.fc1.out_features))
+    return [(width, kind) for kind, width in sorted(groups)]
+
+
+def _kept_in(kind: str, width: int, ratio: float, round_to: int | None) -> int:
+    if kind == "heads":  # whole heads: torch-pruning removes H - max(1, round(H (1 - ratio))) of them
+        return max(1, round(width * (1 - ratio)))
+    return _kept(width, ratio, round_to)
+
+
+def parameter_count_at(model: nn.Module, example_loader: DataLoader, *, round_to: int | None = ROUND_TO,
+                       heads: str = "dims") -> Callable[[float], int] | None:  # fmt: skip
+    """The parameters :func:`depgraph_prune` leaves at any ratio, in closed form, from ONE
+    traced pruning.
+
+    Every dimension of every parameter is either fixed or a multiple of one group's width
+    (:func:`_group_widths`: the residual, head dims or heads, MLP hidden units), and each
+    group keeps a known count at a ratio (:func:`_kept`). One pruning at a probe ratio
+    where the groups keep distinct fractions says which group each changed dimension
+    follows; the count at any ratio is then a sum of products. Returns None when no
+    probe tells the groups apart (the caller then prunes at each ratio it tries).
+    """
+    groups = _group_widths(model, heads)
+    def fractions_at(ratio: float) -> list[float]:
+        return [_kept_in(kind, width, ratio, round_to) / width for width, kind in groups]
+
+    # A probe at which every group shrinks, each to its own fraction.
+    probe = next((r for r in np.arange(0.5, 0.9, 0.01).tolist() + np.arange(0.49, 0.0, -0.01).tolist()
+                  if len(set(fractions_at(r))) == len(groups) and max(fractions_at(r)) < 1), None)  # fmt: skip
+    if probe is None:
+        return None
+    full = {name: tuple(p.shape) for name, p in merge_for_inference(model).named_parameters()}
+    pruned, _ = _prune(model, _first_batches(example_loader, 1), ratio=probe, round_to=round_to, importance="magnitude",
+                       heads=heads)  # fmt: skip
+    shapes = {name: tuple(p.shape) for name, p in pruned.named_parameters()}
+    if shapes.keys() != full.keys():
+        return None
+    fractions = {_kept_in(kind, width, probe, round_to) / width: (width, kind) for width, kind in groups}
+    terms = []  # per parameter: per dimension, a fixed size or (multiple, width, kind)
+    for name, sizes in full.items():
+        dims = []
+        for size, after in zip(sizes, shapes[name]):
+            if size == after:
+                dims.append(size)
+                continue
+            match = [fraction for fraction in fractions if math.isclose(after / size, fraction, rel_tol=1e-9)]
+            width, kind = fractions[match[0]] if len(match) == 1 else (None, None)
+            if width is None or size % width:
+                return None
+            dims.append((size // width, width, kind))
+        terms.append(dims)
+
+    def count(ratio: float) -> int:
+        kept = {(width, kind): _kept_in(kind, width, ratio, round_to) for width, kind in groups}
+        return sum(math.prod(d if isinstance(d, int) else d[0] * kept[d[1:]] for d in dims) for dims in terms)
+
+    return count
+
+
 def ratio_for_parameter_reduction(
     model: nn.Module,
     example_loader: DataLoader,
@@ -388,9 +458,11 @@ def ratio_for_parameter_reduction(
     Bisection over the ratio in [0, MAX_RATIO] for ``steps`` halvings. The parameters
     removed grow in steps of one rounding multiple (8 channels by default; one channel
     with ``round_to=None``) per group, so the answer lies within one such step of the
-    target, once ``steps`` resolves a step. The widths at a ratio
-    do not depend on which channels rank lowest, so the search ranks by weight
-    magnitude: no gradients, and one batch of the loader only traces the model.
+    target, once ``steps`` resolves a step. The count at a ratio comes from
+    :func:`parameter_count_at`: one traced pruning for the whole search (the widths at a
+    ratio do not depend on which channels rank lowest); where it cannot tell the groups
+    apart, each ratio tried is pruned (by weight magnitude: no gradients, one batch
+    of the loader only traces the model).
 
     Returns:
         the ratio among those tried whose removed count is closest to the target.
@@ -400,12 +472,15 @@ def ratio_for_parameter_reduction(
     """
     if target_removed_params < 0:
         raise ConfigError(f"target_removed_params must be >= 0, got {target_removed_params}")
-    batches = _first_batches(example_loader, 1)
     total = _count(model)
+    closed_form = parameter_count_at(model, example_loader, round_to=round_to, heads=heads)
+    batches = _first_batches(example_loader, 1)
 
     def removed(ratio: float) -> int:
+        if closed_form is not None:
+            return total - closed_form(ratio)
         return total - _count(_prune(model, batches, ratio=ratio, round_to=round_to, importance="magnitude",
-                                     heads=heads)[0])
+                                     heads=heads)[0])  # fmt: skip
 
     low, high = 0.0, MAX_RATIO
     removed_low, removed_high = removed(low), removed(high)

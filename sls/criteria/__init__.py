@@ -36,6 +36,9 @@ class Criterion:
         needs_input: whether :meth:`score` needs the input of block 1.
         stochastic: whether the score depends on ``random_state``.
         label: axis label for plots.
+        per_block: whether a block's score depends on that block's features alone, so a
+            subset of the blocks can be scored (:class:`~sls.select.DepthSelector`'s
+            ``blocks="needed"`` scores only those the stop rule reads).
     """
 
     name: ClassVar[str]
@@ -43,6 +46,7 @@ class Criterion:
     needs_input: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
     label: ClassVar[str] = "score"
+    per_block: ClassVar[bool] = False
 
     def score(
         self,

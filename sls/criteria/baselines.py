@@ -76,6 +76,7 @@ class LinearProbe(Criterion):
     kind = "quality"
     stochastic = True
     label = "probe accuracy (chance-corrected)"
+    per_block = True
 
     def __init__(self, folds: int = 3, n_jobs: int | None = None) -> None:
         self.folds = folds

@@ -36,8 +36,11 @@ gradients and exact neighbours, as earlier records name it) and ``"opentsne-fft"
 neighbours). The FFT's cost per iteration is set by its grid (at least 50 intervals
 per axis), not by n: it pays off on tens of thousands of points, while at SLS's 1000
 images one block took ~13 s against ~3.5 s for ``"opentsne"`` on one core here.
-``bench/tsne_agreement.py`` measures how far the openTSNE scores and k are from
-scikit-learn's, and each backend's time.
+``"torchdr"`` is TorchDR's t-SNE in torch (exact affinities, PCA start, 1000
+iterations with 250 of early exaggeration 12): on a GPU when one is available (blocks
+then run one after the other on it), else on the CPU, where it is several times slower
+than scikit-learn's at SLS's 1000 images. ``bench/tsne_agreement.py`` measures how far
+each backend's scores and k are from scikit-learn's, and each backend's time.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from sklearn.utils.fixes import parse_version
 from sls.criteria import Criterion, check_features, register_criterion
 from sls.errors import ConfigError, ScoreError
 
-TSNE_BACKENDS = ("sklearn", "opentsne", "opentsne-fft")
+TSNE_BACKENDS = ("sklearn", "opentsne", "opentsne-fft", "torchdr")
 
 TSNE_PCA_SOLVER = "auto" if parse_version(sklearn.__version__) >= parse_version("1.8") else "randomized"
 """The ``svd_solver`` of the PCA start of the installed scikit-learn's t-SNE (1.5 to 1.7
@@ -116,6 +119,8 @@ def tsne_embedding(
             angle=0.5,
             n_jobs=1,
         ).fit_transform(features)
+    elif backend == "torchdr":
+        embedding = _torchdr_embedding(features, perplexity, random_state)
     else:
         from openTSNE import TSNE as OpenTSNE
 
@@ -132,6 +137,17 @@ def tsne_embedding(
                            neighbors="annoy", knn_kwargs={"n_trees": 50})  # fmt: skip
         embedding = OpenTSNE(**shared, **options).fit(features)
     return min_max_scale(np.asarray(embedding, dtype=np.float64))
+
+
+def _torchdr_embedding(features: np.ndarray, perplexity: float, random_state: int) -> np.ndarray:
+    import torch
+    from torchdr import TSNE as TorchDRTSNE
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    points = TorchDRTSNE(perplexity=perplexity, n_components=2, init="pca", max_iter=1000, early_exaggeration_coeff=12.0,
+                         early_exaggeration_iter=250, device=device, random_state=random_state,
+                         verbose=False).fit_transform(torch.from_numpy(np.ascontiguousarray(features, np.float32)))  # fmt: skip
+    return points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
 
 
 def sklearn_pca_start(features: np.ndarray, random_state: int) -> np.ndarray:
@@ -156,6 +172,12 @@ def jittered_pca_layout(features: np.ndarray, random_state: int, scale: float = 
     layout = sklearn_pca_start(features, random_state)
     noise = np.random.default_rng(random_state).normal(scale=scale * 1e-4, size=layout.shape)
     return (layout + noise.astype(np.float32)).astype(np.float32)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def min_max_scale(points: np.ndarray) -> np.ndarray:
@@ -204,6 +226,7 @@ class TSNESilhouette(Criterion):
     kind = "quality"
     stochastic = True
     label = "t-SNE silhouette (SLS score)"
+    per_block = True
 
     def __init__(
         self,
@@ -231,6 +254,8 @@ class TSNESilhouette(Criterion):
 
         features, labels = check_features(features, labels)
         n_jobs = min(effective_n_jobs(self.n_jobs), len(features))
+        if self.backend == "torchdr" and _cuda_available():
+            n_jobs = 1  # one GPU: the blocks run one after the other on it
         options = {"backend": self.backend, "perplexity": self.perplexity, "random_state": random_state,
                    "pca_dims": self.pca_dims, "jitter": run > 0}  # fmt: skip
         if n_jobs == 1:
@@ -254,6 +279,7 @@ class RawSilhouette(Criterion):
     name = "silhouette"
     kind = "quality"
     label = "silhouette of raw features"
+    per_block = True
 
     def score(self, features, labels, *, block_input=None, random_state=0):
         features, labels = check_features(features, labels)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from sls.data.embedded import EMBEDDED_DATASETS, ImageArrays
 from sls.data.files import LabelledFiles, find_bad_images, read_files
+from sls.data.store import ModelTransform, image_store
 from sls.errors import ConfigError, DataError
 
 __all__ = [
@@ -125,20 +125,15 @@ def make_transform(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     interpolation: str = "bicubic",
-) -> transforms.Compose:
+) -> ModelTransform:
     """Resize to ``img_size`` square, to tensor, normalise with the model's statistics.
 
     Mean, std and interpolation come from the model's pretrained config (see
-    :func:`sls.backbones.data_config`); no augmentation, as in the paper's recipe.
+    :func:`sls.backbones.data_config`); no augmentation, as in the paper's recipe. The
+    transform is a torchvision ``Compose`` that can also split at the resized uint8
+    pixels (:class:`~sls.data.store.ModelTransform`), which :class:`ImageDataset` stores once.
     """
-    mode = transforms.InterpolationMode(interpolation)
-    return transforms.Compose(
-        [
-            transforms.Resize((img_size, img_size), interpolation=mode, antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    return ModelTransform(img_size, mean, std, interpolation)
 
 
 def make_splits(data: ImageSource, *, train_size: int | None = None, test_size: int | None = None) -> Splits:
@@ -158,18 +153,31 @@ def make_splits(data: ImageSource, *, train_size: int | None = None, test_size: 
 class ImageDataset(Dataset):
     """Torch view of some samples of an image source, transformed to tensors.
 
+    With ``store`` and the model's transform (:func:`make_transform`), the images are
+    decoded and resized once, at the first item asked for, into a uint8 store
+    (:func:`sls.data.store.image_store`), and every item after that, in this epoch or
+    the next or in a later stage of the same process, is read from it; a batch asked
+    for at once (``__getitems__``, what a ``DataLoader`` does) is normalised in one
+    operation. The tensors are identical to the transform's.
+
     Args:
         data: the image source.
         indices: the samples, in the order they are served.
         transform: PIL image -> tensor.
         skip_bad: check every image first and leave out the ones that cannot be
             read (reported in ``skipped``) instead of failing on the first.
+        store: keep the resized images (needs a :class:`~sls.data.store.ModelTransform`).
+        progress: a progress bar while the store is filled.
     """
 
-    def __init__(self, data: ImageSource, indices: np.ndarray, transform, *, skip_bad: bool = False) -> None:
+    def __init__(self, data: ImageSource, indices: np.ndarray, transform, *, skip_bad: bool = False,
+                 store: bool = False, progress: bool = False) -> None:  # fmt: skip
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
+        self.store = store and isinstance(transform, ModelTransform)
+        self.progress = progress
+        self._pixels: np.ndarray | None = None
         self.skipped: list[tuple[int, str]] = []
         if skip_bad and isinstance(data, LabelledFiles):
             self.skipped = find_bad_images(data, self.indices)
@@ -185,6 +193,24 @@ class ImageDataset(Dataset):
     def labels(self) -> np.ndarray:
         return self.data.labels[self.indices]
 
+    @property
+    def pixels(self) -> np.ndarray | None:
+        """The resized uint8 images ``(n, c, side, side)`` (filled on first use), or None without a store."""
+        if self.store and self._pixels is None:
+            self._pixels = image_store(self.data, self.indices, self.transform, progress=self.progress)
+        return self._pixels
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.store:
+            return self.__getitems__([i])[0]
         j = self.indices[i]
         return self.transform(self.data.image(j)), int(self.data.labels[j])
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Items at ``positions``: from the store, normalised as one batch."""
+        if not self.store:
+            return [self[i] for i in positions]
+        positions = np.asarray(positions, dtype=np.int64)
+        batch = self.transform.normalize(torch.from_numpy(np.ascontiguousarray(self.pixels[positions])))
+        labels = self.data.labels[self.indices[positions]]
+        return list(zip(batch.unbind(0), (int(v) for v in labels)))

@@ -33,6 +33,22 @@ from sls.runtime import Runtime
 EVAL_BATCH = 64
 
 
+def loader_settings(dataset: Dataset, device: torch.device | str | None) -> dict:
+    """Worker processes and pinned memory for a loader feeding a model on ``device``.
+
+    A dataset read from a uint8 store (``dataset.store``) needs no worker: a batch is an
+    index and one normalisation. One that decodes images per item gets, for a GPU, a
+    worker per core (at most 8, kept alive between epochs) so decoding overlaps the
+    GPU's work; on the CPU the cores are the model's, so it decodes in this process.
+    Batches for a GPU are pinned (page-locked), so their copy to it can be asynchronous.
+    """
+    from sls.data.store import decode_workers
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    workers = 0 if getattr(dataset, "store", False) or not cuda else decode_workers(len(dataset))
+    return {"num_workers": workers, "pin_memory": cuda, "persistent_workers": workers > 0}
+
+
 class TaskType:
     """What a task type provides. Subclasses set the class attributes and override the methods.
 
@@ -64,15 +80,18 @@ class TaskType:
         """The train / val / test indices of ``data``."""
         raise NotImplementedError
 
-    def dataset(self, data, indices: np.ndarray, transform, img_size: int, *, skip_bad: bool = False) -> Dataset:
-        """Torch view of ``indices`` of ``data``: (image tensor, target) pairs."""
+    def dataset(self, data, indices: np.ndarray, transform, img_size: int, *, skip_bad: bool = False,
+                progress: bool = False) -> Dataset:  # fmt: skip
+        """Torch view of ``indices`` of ``data``: (image tensor, target) pairs
+        (``progress``: a bar while images are decoded into a store)."""
         raise NotImplementedError
 
     def loader(self, dataset: Dataset, *, batch_size: int = EVAL_BATCH, shuffle: bool = False,
-               generator: torch.Generator | None = None) -> DataLoader:  # fmt: skip
-        """A loader of ``dataset`` (a fresh generator when none is given: the caller's stay untouched)."""
+               generator: torch.Generator | None = None, device: torch.device | str | None = None) -> DataLoader:  # fmt: skip
+        """A loader of ``dataset`` (a fresh generator when none is given: the caller's stay
+        untouched) for a model on ``device``: see :func:`loader_settings`."""
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator or torch.Generator(),
-                          collate_fn=self.collate)  # fmt: skip
+                          collate_fn=self.collate, **loader_settings(dataset, device))  # fmt: skip
 
     collate = None
 

@@ -119,9 +119,10 @@ def evaluate_segmentation(model: nn.Module, loader, num_classes: int, *, desc: s
     runtime, device = runtime or Runtime(), model_device(model)
     model.eval()  # every process runs every image: a padded shard would count some twice
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    net = runtime.compiled(model)
     for images, masks in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         with runtime.autocast(device):
-            logits = model(runtime.inputs(images, device))
+            logits = net(runtime.inputs(images, device))
         confusion += confusion_matrix(logits.argmax(dim=1).cpu(), masks, num_classes)
     return segmentation_metrics(confusion)
 
