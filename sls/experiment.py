@@ -110,8 +110,8 @@ class Experiment:
 
     @classmethod
     def from_record(cls, task_dir: str | Path, *, overrides: dict | None = None, runtime: Runtime | None = None,
-                    weights: str | Path | None = None, with_data: bool = True,
-                    tensors: str | None = "finetuned") -> tuple[Experiment, TaskRecord]:  # fmt: skip
+                    weights: str | Path | None = None, with_data: bool = True, tensors: str | None = "finetuned",
+                    reuse: Experiment | None = None) -> tuple[Experiment, TaskRecord]:  # fmt: skip
         """A task folder's run, rebuilt from its record with the fine-tuned tensors loaded.
 
         Args:
@@ -121,6 +121,10 @@ class Experiment:
             with_data: also rebuild the data and loaders (and check the splits did not move).
             tensors: the kind of tensor file loaded into the model (``"finetuned"``; None:
                 the fresh PETL modules and head).
+            reuse: the experiment of the previous stage in this process (``sls run``): its
+                fine-tuned model and its data are taken as they are (no second backbone
+                build, weights read, fingerprint or dataset read) when they are this
+                record's (same backbone fingerprint, PETL method and dataset).
 
         Raises:
             TaskRecordError: no fine-tuned run in the folder, or another backbone.
@@ -142,17 +146,23 @@ class Experiment:
             resolved["retrain_epochs"] = overrides["retrain_epochs"] or resolved["epochs"]
         resolved.setdefault("retrain_epochs", config.retrain_epochs or resolved["epochs"])
         task = get_task(config.task, **config.task_options)
-        model, backbone, petl, initial = _build_model(config, task, record.num_classes, saved["model"],
-                                                      weights or record_weights(record), int(saved["img_size"]),
-                                                      saved.get("model_kwargs"), record.petl)  # fmt: skip
-        check_fingerprint(backbone.fingerprint, record, task_dir, backbone.weights)
-        backbone = dataclasses.replace(backbone, mean=tuple(saved["mean"]), std=tuple(saved["std"]),
-                                       interpolation=saved.get("interpolation", backbone.interpolation))  # fmt: skip
-        if tensors is not None:
-            load_tensors(model, task_dir, record, tensors)
+        same = (reuse is not None and tensors == "finetuned" and weights is None and with_data
+                and reuse.backbone.fingerprint == saved["fingerprint"] and reuse.petl.name == record.petl["method"]
+                and reuse.config.data == config.data and reuse.task.name == task.name)  # fmt: skip
+        if same:  # the previous stage's fine-tuned model, as it is in memory
+            model, backbone, petl, initial = reuse.model, reuse.backbone, reuse.petl, reuse.initial_state
+        else:
+            model, backbone, petl, initial = _build_model(config, task, record.num_classes, saved["model"],
+                                                          weights or record_weights(record), int(saved["img_size"]),
+                                                          saved.get("model_kwargs"), record.petl)  # fmt: skip
+            check_fingerprint(backbone.fingerprint, record, task_dir, backbone.weights)
+            backbone = dataclasses.replace(backbone, mean=tuple(saved["mean"]), std=tuple(saved["std"]),
+                                           interpolation=saved.get("interpolation", backbone.interpolation))  # fmt: skip
+            if tensors is not None:
+                load_tensors(model, task_dir, record, tensors)
         exp = cls(config, runtime, resolved, backbone, petl, runtime.place(model.eval()), task, initial_state=initial)
         if with_data:
-            data = task.load_data(config.data)
+            data = reuse.data if same else task.load_data(config.data)
             splits = task.splits(data, train_size=config.train_samples, test_size=config.test_samples)
             recorded = record.data.get("splits")
             if recorded is not None and splits.describe() != recorded:

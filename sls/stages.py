@@ -60,7 +60,8 @@ STAGE_SETTINGS = {
 CONFIG_FILE = "config.yaml"
 
 
-def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None) -> tuple[Experiment, TaskRecord]:
+def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None,
+          handoff: dict | None = None) -> tuple[Experiment, TaskRecord]:  # fmt: skip
     allowed = (*STAGE_SETTINGS[stage], *RUNTIME_KEYS, "progress")
     for key in settings:
         if key not in allowed:
@@ -83,7 +84,11 @@ def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None) -
         raise ConfigError(f"{task_dir} was trained on {record.world_size} process(es) and this is "
                           f"{distributed.world_size()}: training here would not reproduce an uninterrupted run; "
                           f"run it on {record.world_size} (torchrun --nproc-per-node) or start a new --out")  # fmt: skip
-    return Experiment.from_record(task_dir, overrides=settings, runtime=runtime)
+    exp, record = Experiment.from_record(task_dir, overrides=settings, runtime=runtime,
+                                         reuse=(handoff or {}).get("experiment"))  # fmt: skip
+    if handoff is not None:
+        handoff["experiment"] = exp
+    return exp, record
 
 
 def _ran(record: TaskRecord, exp: Experiment, stage: str, started: float) -> None:
@@ -148,7 +153,7 @@ def _locked(stage):
     return locked
 
 
-def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
+def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None, handoff: dict | None = None) -> TaskRecord:
     """Stage 1: fine-tune the PETL modules and head with all N blocks; save the task folder."""
     started = time.perf_counter()
     out = Path(config.out) if config.out else distributed.run_on_main(default_out_dir, config)  # one time stamp
@@ -159,11 +164,14 @@ def stage_finetune(config: RunConfig, *, runtime: Runtime | None = None) -> Task
             if done != ["finetune"]:
                 raise ConfigError(f"{out} holds a task ({', '.join(done)} done) that a new fine-tune would discard; "
                                   "choose another --out, or pass --force to replace it")  # fmt: skip
-        return _finetune(config, out, runtime, started)
+        return _finetune(config, out, runtime, started, handoff)
 
 
-def _finetune(config: RunConfig, out: Path, runtime: Runtime | None, started: float) -> TaskRecord:
+def _finetune(config: RunConfig, out: Path, runtime: Runtime | None, started: float,
+              handoff: dict | None) -> TaskRecord:  # fmt: skip
     exp = Experiment.from_config(config, runtime)
+    if handoff is not None:  # the next stage of `sls run` goes on with this model and data
+        handoff["experiment"] = exp
     full, curve = finetune(exp)
     classes = exp.task.classes(exp.data)
     check = exp.task.check_finetune(curve, full, len(classes))
@@ -194,7 +202,7 @@ def _finetune(config: RunConfig, out: Path, runtime: Runtime | None, started: fl
 
 @_locked
 def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
-                **settings) -> TaskRecord:  # fmt: skip
+                handoff: dict | None = None, **settings) -> TaskRecord:  # fmt: skip
     """Stage 2: score every block of the fine-tuned model (one cached pass), choose k
     (or take ``depth``), drop blocks k+1..N and measure the accuracy before retraining.
 
@@ -207,7 +215,7 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
     ``depth`` or ``force`` is given.
     """
     started, task_dir = time.perf_counter(), Path(task_dir)
-    exp, record = _open(task_dir, "prune", {**settings, "progress": progress}, runtime)
+    exp, record = _open(task_dir, "prune", {**settings, "progress": progress}, runtime, handoff)
     config = exp.config
     failed = record.finetune_check is not None and not record.finetune_check["ok"]
     if failed and config.depth is None and not config.force:
@@ -258,11 +266,11 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
 
 @_locked
 def stage_retrain(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
-                  **settings) -> TaskRecord:  # fmt: skip
+                  handoff: dict | None = None, **settings) -> TaskRecord:  # fmt: skip
     """Stage 3: retrain the kept blocks' PETL modules and the head with the task's
     retraining strategy for its retraining epochs (``settings`` may change both)."""
     started, task_dir = time.perf_counter(), Path(task_dir)
-    exp, record = _open(task_dir, "retrain", {**settings, "progress": progress}, runtime)
+    exp, record = _open(task_dir, "retrain", {**settings, "progress": progress}, runtime, handoff)
     # Retrained from the pruned fine-tune (a task retrained by its --max-drop search is
     # retrained again from there, not from its retrained tensors).
     pruned = prune(exp, int(record.depth)) if "retrain" in record.stages else pruned_model(exp, record, task_dir)
@@ -296,11 +304,11 @@ def _record_retrain(record: TaskRecord, exp: Experiment, curve: list[dict] | Non
 
 @_locked
 def stage_evaluate(task_dir: str | Path, *, progress: bool = True, runtime: Runtime | None = None,
-                   **settings) -> TaskRecord:  # fmt: skip
+                   handoff: dict | None = None, **settings) -> TaskRecord:  # fmt: skip
     """Stage 4: test accuracy of the task, throughput of the full and pruned models
     (same run, same batch), parameters and per-task storage."""
     started, task_dir = time.perf_counter(), Path(task_dir)
-    exp, record = _open(task_dir, "evaluate", {**settings, "progress": progress}, runtime)
+    exp, record = _open(task_dir, "evaluate", {**settings, "progress": progress}, runtime, handoff)
     pruned = pruned_model(exp, record, task_dir)
     cfg, results = exp.config, record.results
     key = "pruned_retrained" if "retrain" in record.stages else "pruned_no_retrain"
@@ -406,12 +414,16 @@ def run(config: RunConfig, *, runtime: Runtime | None = None) -> TaskRecord:
             # A run killed after a stage's record and before the files drawn from it left
             # those stale or missing, and maybe files that record no longer names.
             distributed.run_on_main(_recover, out, previous)
+        # One backbone build, weights read and dataset read for the whole run: each stage
+        # hands its fine-tuned model and data to the next (a resumed run starts from the folder).
+        handoff: dict = {}
         if "finetune" not in done:
-            stage_finetune(config, runtime=runtime)
+            stage_finetune(config, runtime=runtime, handoff=handoff)
         if "prune" not in done:
-            done = stage_prune(out, runtime=runtime, **prune_later).stages  # --max-drop may retrain k there
+            done = stage_prune(out, runtime=runtime, handoff=handoff, **prune_later).stages  # --max-drop may retrain
         if config.retrain and "retrain" not in done:
-            stage_retrain(out, runtime=runtime, **later)
-        record = stage_evaluate(out, runtime=runtime, **later) if "evaluate" not in done else read_record(out)
+            stage_retrain(out, runtime=runtime, handoff=handoff, **later)
+        record = (stage_evaluate(out, runtime=runtime, handoff=handoff, **later) if "evaluate" not in done
+                  else read_record(out))  # fmt: skip
     record.results["seconds"] = round(time.perf_counter() - started, 1)
     return record

@@ -101,3 +101,21 @@ def test_forced_depth_and_no_retrain(tmp_path):
                            out=str(tmp_path / "s"))).to_dict()  # fmt: skip
     assert scored["depth"] == 2 and scored["scored_blocks"] == list(range(1, 7))
     assert None not in scored["scores"] and scored["selected_depth"] >= 1
+
+
+def test_a_run_builds_the_backbone_and_reads_the_data_once(tmp_path, monkeypatch):
+    import sls.experiment
+    from sls.tasks.classification import Classification
+
+    builds, reads = [], []
+    real_build, real_load = sls.experiment.create_backbone, Classification.load_data
+    monkeypatch.setattr(sls.experiment, "create_backbone", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    monkeypatch.setattr(Classification, "load_data", lambda self, spec: reads.append(spec) or real_load(self, spec))
+    record = run(RunConfig(**TINY | dict(epochs=1, retrain_epochs=1), out=str(tmp_path / "t"))).to_dict()
+    assert record["stages"] == ["finetune", "prune", "retrain", "evaluate"]
+    assert len(builds) == 1 and reads == ["digits"]
+    # The stage commands, each its own command, build and read once each.
+    from sls.stages import stage_evaluate
+
+    stage_evaluate(tmp_path / "t", progress=False)
+    assert len(builds) == 2 and len(reads) == 2
