@@ -33,7 +33,8 @@ from sls.recipes import apply_recipe, demo_recipe
 def study(data: str, criteria: list[str], epochs: int | None, task: str = "classification",
           depths: tuple[int, ...] = ()) -> list[str]:  # fmt: skip
     settings = apply_recipe(demo_recipe(task), {})
-    settings |= {"progress": False} | ({"data": data} if data else {}) | ({"epochs": epochs} if epochs else {})
+    settings |= {"progress": False, "score_all": True} | ({"data": data} if data else {})
+    settings |= {"epochs": epochs} if epochs else {}
     exp = Experiment.from_config(RunConfig(**settings))
     acc_full, _ = finetune(exp)
     chosen = {}

@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", help="a fine-tuned segmentation task folder")
     args = parser.parse_args()
-    exp, record = Experiment.from_record(args.task, overrides={"progress": False})
+    exp, record = Experiment.from_record(args.task, overrides={"progress": False, "score_all": True})
     if exp.task.name != "segmentation":
         raise SystemExit(f"{args.task} is a {exp.task.name} task; this compares segmentation's samples")
     print("| samples | SLS scores, blocks 1..N | k | 5-NN accuracy, blocks 1 / N/2 / N |")

@@ -46,7 +46,7 @@ STRATEGIES_ONLY = ("ft", "clr", "tfs", "distill")
 
 
 def bench_dataset(data: str, budgets: list[int], variants: list[str]) -> dict:
-    config = RunConfig(**apply_recipe("demo", {"data": data, "progress": False}))
+    config = RunConfig(**apply_recipe("demo", {"data": data, "progress": False, "score_all": True}))
     started = time.perf_counter()
     exp = Experiment.from_config(config)
     full_test, _ = finetune(exp)

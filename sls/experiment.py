@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,9 +147,11 @@ class Experiment:
             resolved["retrain_epochs"] = overrides["retrain_epochs"] or resolved["epochs"]
         resolved.setdefault("retrain_epochs", config.retrain_epochs or resolved["epochs"])
         task = get_task(config.task, **config.task_options)
+        shaping = ("model", "weights", "model_kwargs", "petl", "petl_options", "task", "task_options", "seed",
+                   "img_size", "normalize", "data", "train_samples", "test_samples")  # fmt: skip
         same = (reuse is not None and tensors == "finetuned" and weights is None and with_data
-                and reuse.backbone.fingerprint == saved["fingerprint"] and reuse.petl.name == record.petl["method"]
-                and reuse.config.data == config.data and reuse.task.name == task.name)  # fmt: skip
+                and reuse.backbone.fingerprint == saved["fingerprint"] and reuse.petl.hparams == record.petl["hparams"]
+                and all(getattr(reuse.config, key) == getattr(config, key) for key in shaping))  # fmt: skip
         if same:  # the previous stage's fine-tuned model, as it is in memory
             model, backbone, petl, initial = reuse.model, reuse.backbone, reuse.petl, reuse.initial_state
         else:
@@ -180,7 +183,10 @@ class Experiment:
             raise ConfigError(f"--depth {config.depth} is out of range: the model has blocks 1..{backbone.num_blocks}")
         transform = make_transform(backbone.img_size, backbone.mean, backbone.std, backbone.interpolation)
         skip, task, size, device = config.skip_bad_images, self.task, backbone.img_size, self.runtime.device
-        dataset = functools.partial(task.dataset, data, transform=transform, img_size=size, progress=config.progress)
+        accepted = inspect.signature(task.dataset).parameters  # a task type written before the store takes neither
+        extra = {key: value for key, value in (("progress", config.progress), ("cache", config.cache))
+                 if key in accepted or any(p.kind is p.VAR_KEYWORD for p in accepted.values())}  # fmt: skip
+        dataset = functools.partial(task.dataset, data, transform=transform, img_size=size, **extra)
         loader = functools.partial(task.loader, device=device)
         train_set, test_set = dataset(splits.train, skip_bad=skip), dataset(splits.test, skip_bad=skip)
         shuffled = torch.Generator().manual_seed(config.seed)

@@ -122,21 +122,21 @@ class CacheEntry(NamedTuple):
     last_used: float
 
 
-def entries(folder: Path | None = None) -> list[CacheEntry]:
-    """The cache's entries, least recently used first."""
+def entries(folder: Path | None = None, pattern: str = "*.npz") -> list[CacheEntry]:
+    """The cache's entries (files matching ``pattern``), least recently used first."""
     folder = folder or features_dir()
     found = []
-    for path in folder.glob("*.npz") if folder.is_dir() else []:
+    for path in folder.glob(pattern) if folder.is_dir() else []:
         with suppress(FileNotFoundError):
             stat = path.stat()
             found.append(CacheEntry(path, stat.st_size, stat.st_mtime))
     return sorted(found, key=lambda e: (e.last_used, e.path.name))
 
 
-def evict(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
+def evict(folder: Path, limit: int, keep: Path | None = None, pattern: str = "*.npz") -> list[Path]:
     """Remove least recently used entries until the folder holds at most ``limit`` bytes
     (``keep``, the entry just written, stays even alone over the cap). Returns those removed."""
-    found = entries(folder)
+    found = entries(folder, pattern)
     total, removed = sum(e.bytes for e in found), []
     for entry in found:
         if total <= limit:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -168,7 +169,8 @@ class BudgetSearch:
     not retrained a second time."""
 
     entry: dict
-    retrained: dict[int, tuple[dict[str, torch.Tensor], list[dict]]] = field(default_factory=dict)
+    retrained: dict[int, tuple[dict[str, torch.Tensor], list[dict], float]] = field(default_factory=dict)
+    """Per depth retrained: its trainable tensors (on the CPU), its curve and the seconds it took."""
 
     @property
     def depth(self) -> int:
@@ -196,14 +198,16 @@ def budget_search(exp: Experiment, start: int) -> BudgetSearch:
         warnings.warn(f"{overlap} validation images are also training images (VTAB-1k trains on train800val200, "
                       "which holds val200): the accuracies that choose k are optimistic", stacklevel=2)  # fmt: skip
     full = exp.quality(exp.model, exp.val_loader, "val full")
-    retrained: dict[int, tuple[dict[str, torch.Tensor], list[dict]]] = {}
+    retrained: dict[int, tuple[dict[str, torch.Tensor], list[dict], float]] = {}
 
     def evaluate(depth: int) -> float:
         pruned = prune(exp, depth)
         if not cfg.retrain:
             return exp.quality(pruned, exp.val_loader, f"val k={depth}")
+        started = time.perf_counter()
         rows = retrain_pruned(exp, pruned)  # the last epoch's validation pass is the depth's accuracy
-        retrained[depth] = ({name: t.detach().clone() for name, t in trainable_state(pruned).items()}, rows)
+        state = {name: t.clone() for name, t in trainable_state(pruned).items()}  # CPU copies
+        retrained[depth] = (state, rows, time.perf_counter() - started)
         return rows[-1]["val_accuracy"]
 
     search = search_depth(evaluate, start=start, n_blocks=n_blocks, full_accuracy=full, max_drop=cfg.max_drop)

@@ -106,7 +106,7 @@ class Runtime:
     def describe(self) -> dict:
         """What the record keeps of where a stage ran."""
         return {"device": str(self.device), "amp": self.amp, "channels_last": self.channels_last,
-                "compile": self.compile, "threads": torch.get_num_threads()}  # fmt: skip
+                "compile": self.compile and not COMPILE_FAILURES, "threads": torch.get_num_threads()}  # fmt: skip
 
     def compiled(self, model: nn.Module) -> nn.Module:
         """``model`` as the runtime runs it: itself, or with ``compile`` a
@@ -153,29 +153,35 @@ COMPILE_FAILURES: list[str] = []
 """Why compiling failed in this process (one line each), for the record and the tests."""
 
 
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that say torch.compile could not compile (dynamo, inductor and its
+    C++ / CUDA compilers), not that the model itself failed."""
+    import torch._dynamo.exc as dynamo
+    import torch._inductor.exc as inductor
+
+    return (dynamo.TorchDynamoException, inductor.InductorError, inductor.CppCompileError, inductor.CUDACompileError)
+
+
 class CompiledModel(nn.Module):
     """``torch.compile(model)`` that falls back to ``model`` itself, with one warning, when
-    its first call fails to compile. Only the first call falls back: a later error is the
-    model's own and is raised. Parameters and state are ``model``'s (nothing is copied)."""
+    compiling fails, at the first call or at a later recompile (a new input shape). Only a
+    compiler's own errors fall back; the model's errors (out of memory included) are
+    raised. Parameters and state are ``model``'s (nothing is copied). A failure is kept
+    for the process (:data:`COMPILE_FAILURES`): later models run eagerly without trying."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self._compiled = None if COMPILE_FAILURES else torch.compile(model)
-        self._checked = False
 
     def forward(self, *args, **kwargs):
         if self._compiled is None:
             return self.model(*args, **kwargs)
-        if self._checked:
-            return self._compiled(*args, **kwargs)
         try:
-            out = self._compiled(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any backend failure: run eagerly
+            return self._compiled(*args, **kwargs)
+        except _compile_errors() as err:
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
             COMPILE_FAILURES.append(reason)
             warnings.warn(f"--compile: torch.compile cannot compile here ({reason}); running eagerly", stacklevel=2)
             self._compiled = None
             return self.model(*args, **kwargs)
-        self._checked = True
-        return out

@@ -174,7 +174,8 @@ class DepthSelector(BaseEstimator):
         reason_: why the walk stopped (see :class:`DepthDecision`).
         margin_: distance of the decision to T (see :class:`DepthDecision`); None
             unless the rule fired.
-        passing_below_: blocks under the stop that pass T again (non-monotone scores).
+        passing_below_: blocks under the stop that pass T again (non-monotone scores);
+            None when ``blocks="needed"`` left blocks under the stop unscored.
         kind_: the criterion's kind (``"quality"`` or ``"importance"``).
         embeddings_: scaled 2-D t-SNE points per block of the first seed (``sls`` only,
             else None; None for a block not scored).
@@ -257,6 +258,10 @@ class DepthSelector(BaseEstimator):
                     embeddings = getattr(criterion, "embeddings_", None)
         finally:
             _stop_idle_workers()
+        for run_scores in runs if not lazy else []:
+            if np.isnan(run_scores).any():
+                block = int(np.flatnonzero(np.isnan(run_scores))[0]) + 1
+                raise ScoreError(f"criterion {self.criterion!r} gave block {block} a NaN score; check its features")
         self.kind_ = criterion.kind
         self.scores_per_seed_ = np.stack(runs)
         self.scores_ = self.scores_per_seed_.mean(axis=0)
@@ -274,15 +279,16 @@ class DepthSelector(BaseEstimator):
         self.reason_ = decision.reason
         self.margin_ = decision.margin
         self.passing_below_ = list(decision.passing_below)
+        stop = decision.depth - 1 if decision.reason == "rule" else 0
+        if stop > 1 and np.isnan(self.scores_[: stop - 1]).any():
+            self.passing_below_ = None  # not checked: the blocks under the stop were not all scored
         return self
 
     def _score_needed(self, criterion, features, y, block_input, seed, takes_run) -> tuple[np.ndarray, list | None]:
         """The blocks the stop rule reads, top-down, ``chunk`` at a time (one per worker):
         scores with NaN for the others, and the embeddings of those scored (if any)."""
-        from joblib import effective_n_jobs
-
         n_blocks = len(features)
-        chunk = min(effective_n_jobs(self.n_jobs), n_blocks) if "n_jobs" in criterion_options(self.criterion) else 1
+        chunk = max(1, criterion.parallel_blocks(n_blocks))
         scores, embeddings = np.full(n_blocks, np.nan), [None] * n_blocks
         extra = {"run": 0} if takes_run else {}
         following = n_blocks - 1  # the next block to score (0-based), walking down
@@ -291,6 +297,8 @@ class DepthSelector(BaseEstimator):
             got = criterion.score([features[i] for i in batch], y, block_input=block_input, random_state=seed,
                                   **extra)  # fmt: skip
             points = getattr(criterion, "embeddings_", None)
+            if np.isnan(np.asarray(got, dtype=np.float64)).any():
+                raise ScoreError(f"criterion {self.criterion!r} gave a block a NaN score; check its features")
             for j, i in enumerate(batch):
                 scores[i] = float(got[j])
                 if points is not None:

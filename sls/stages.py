@@ -254,12 +254,12 @@ def stage_prune(task_dir: str | Path, *, progress: bool = True, runtime: Runtime
     if search is not None and k in search.retrained:
         # The search retrained k as the retrain stage would (same strategy, epochs, seed and
         # batch order): its tensors are the retrained task, so that stage is done here.
-        tensors, curve = search.retrained[k]
-        with torch.no_grad():
-            for name, tensor in trainable_state(pruned).items():
-                tensor.copy_(tensors[name])
+        tensors, curve, seconds = search.retrained[k]
+        unexpected = pruned.load_state_dict(tensors, strict=False).unexpected_keys
+        if unexpected or tensors.keys() != trainable_state(pruned).keys():
+            raise RuntimeError(f"the search's retrained tensors do not fit k = {k}: {sorted(unexpected)[:3]}")
         _record_retrain(record, exp, curve)
-        _ran(record, exp, "retrain", time.perf_counter())
+        _ran(record, exp, "retrain", time.perf_counter() - seconds)
     _save(task_dir, pruned, record)
     return record
 

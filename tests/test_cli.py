@@ -99,7 +99,9 @@ def test_analyze_a_task_uses_its_finetuned_model(tmp_path, capsys):
     assert len(summary["criteria"][0]["scores"]) == record["backbone"]["num_blocks"]
     # The run scored the same 200 training images of the same fine-tuned model: same features, same scores.
     assert summary["feature_cache_hit"] is True
-    assert summary["criteria"][0]["scores"] == pytest.approx(record["scores"])
+    scored = [i for i, score in enumerate(record["scores"]) if score is not None]  # the run scored the needed blocks
+    assert [i + 1 for i in scored] == record["scored_blocks"]
+    assert [summary["criteria"][0]["scores"][i] for i in scored] == pytest.approx([record["scores"][i] for i in scored])
 
 
 def test_analyze_refuses_unknown_criterion_before_any_work(tmp_path, capsys):

@@ -157,9 +157,11 @@ def test_compile_reaches_training_prediction_and_throughput(tiny_images, monkeyp
 def test_a_platform_that_cannot_compile_runs_eagerly_after_one_warning(tiny_images, monkeypatch, fresh_compile_state):
     images, _ = tiny_images
 
+    from torch._inductor.exc import InductorError
+
     def failing_compile(model, **kwargs):
         def forward(*args, **kw):
-            raise RuntimeError("InductorError: no working C++ compiler found\nsee the log")
+            raise InductorError(RuntimeError("no working C++ compiler found\nsee the log"), None)
 
         return forward
 
@@ -176,6 +178,20 @@ def test_a_platform_that_cannot_compile_runs_eagerly_after_one_warning(tiny_imag
         with warnings.catch_warnings():  # the next model does not try (and warn) again
             warnings.simplefilter("error")
             torch.testing.assert_close(Runtime(compile=True).compiled(model)(images[:4]), expected, rtol=0, atol=0)
+    assert Runtime(compile=True).describe()["compile"] is False  # the record says it ran eagerly
+
+
+def test_the_models_own_errors_are_not_taken_for_a_compile_failure(monkeypatch, fresh_compile_state):
+    def compile_of_a_failing_model(model, **kwargs):
+        def forward(*args, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", compile_of_a_failing_model)
+    with pytest.raises(torch.OutOfMemoryError):
+        Runtime(compile=True).compiled(tiny_lora_vit())(torch.randn(1, 3, 32, 32))
+    assert fresh_compile_state.COMPILE_FAILURES == []
 
 
 @pytest.mark.slow  # a real compile takes about a minute on this CPU

@@ -130,11 +130,10 @@ def test_loaders_pin_memory_for_a_gpu_and_use_workers_only_where_items_are_decod
     transform = make_transform(16, MEAN, STD)
     stored = ImageDataset(data, np.arange(8), transform, store=True)
     decoded = ImageDataset(data, np.arange(8), transform)
-    assert loader_settings(stored, "cuda") == {"num_workers": 0, "pin_memory": True, "persistent_workers": False}
-    assert loader_settings(decoded, torch.device("cuda", 0)) == {"num_workers": 4, "pin_memory": True,
-                                                                 "persistent_workers": True}  # fmt: skip
+    assert loader_settings(stored, "cuda") == {"num_workers": 0, "pin_memory": True}
+    assert loader_settings(decoded, torch.device("cuda", 0)) == {"num_workers": 4, "pin_memory": True}
     for device in ("cpu", None):  # on the CPU the cores are the model's
-        assert loader_settings(decoded, device) == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+        assert loader_settings(decoded, device) == {"num_workers": 0, "pin_memory": False}
     loader = get_task("classification").loader(stored, device="cpu")
     assert loader.num_workers == 0 and not loader.pin_memory
 
@@ -150,3 +149,36 @@ def test_the_experiments_loaders_read_from_stores():
     images, _ = next(iter(exp.test_loader))
     plain = ImageDataset(exp.data, exp.test_loader.dataset.indices, exp.test_loader.dataset.transform)
     torch.testing.assert_close(images, torch.stack([plain[i][0] for i in range(len(images))]), rtol=0, atol=0)
+
+
+def test_a_store_that_fits_nowhere_leaves_the_dataset_decoding_per_item(tmp_path, monkeypatch):
+    data = _folder(tmp_path / "images")
+    transform = make_transform(16, MEAN, STD)
+    plain = ImageDataset(data, np.arange(6), transform)
+    monkeypatch.setenv("SLS_STORE_MAX_MB", "0")
+    # --no-cache: nothing written to the cache, the images decoded at each use.
+    no_cache = ImageDataset(data, np.arange(6), transform, store=True, cache=False)
+    for i in range(6):
+        torch.testing.assert_close(no_cache[i][0], plain[i][0], rtol=0, atol=0)
+    assert not no_cache.store and not (tmp_path / "cache").exists()
+    # A cache that cannot be written (a file where its folder would be): one warning, then per item.
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.warns(UserWarning, match="fits neither in memory"):
+        unwritable = ImageDataset(data, np.arange(6), transform, store=True)
+        batch, _ = next(iter(DataLoader(unwritable, batch_size=6)))
+    torch.testing.assert_close(batch, torch.stack([plain[i][0] for i in range(6)]), rtol=0, atol=0)
+
+
+def test_the_in_memory_budget_counts_every_store_of_the_process(tmp_path, monkeypatch):
+    data = load_dataset("digits")
+    transform = make_transform(16, MEAN, STD)
+    one = 100 * 16 * 16  # 100 grayscale images
+    first = store.image_store(data, np.arange(100), transform, max_bytes=int(1.5 * one))
+    assert not isinstance(first, np.memmap)
+    second = store.image_store(data, np.arange(100, 200), transform, max_bytes=int(1.5 * one),
+                               folder=tmp_path / "stores")  # fmt: skip
+    assert not isinstance(second, np.memmap)  # the first one, least recently used, was let go to make room
+    assert list(store._IN_MEMORY.values())[-1] is second and len(store._IN_MEMORY) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("SLS_STORE_MAX_MB", "400")
+    assert store.store_budget() <= 100 * 1024 * 1024  # shared among the processes of the machine

@@ -502,10 +502,13 @@ def shared_copy(model: nn.Module, *, share_trainable: bool = False) -> nn.Module
     deep-copies first, so it is safe on a shared copy too; ``share_trainable`` is for a
     copy only read (timing a truncation of a model that is not trained any more).
     """
-    shared = [p for p in model.parameters() if share_trainable or not p.requires_grad]
+    # New Parameter objects over the same storage: moving or casting the copy (``.to()``
+    # replaces each parameter's data) leaves the original as it is.
+    memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()
+            if share_trainable or not p.requires_grad}  # fmt: skip
     if share_trainable:
-        shared += list(model.buffers())
-    return copy.deepcopy(model, memo={id(tensor): tensor for tensor in shared})
+        memo |= {id(b): b for b in model.buffers()}
+    return copy.deepcopy(model, memo=memo)
 
 
 def truncate(model: nn.Module, depth: int) -> nn.Module:

@@ -48,6 +48,11 @@ class Criterion:
     label: ClassVar[str] = "score"
     per_block: ClassVar[bool] = False
 
+    def parallel_blocks(self, n_blocks: int) -> int:
+        """How many of ``n_blocks`` blocks :meth:`score` works on at once (1: one after
+        the other); the lazy walk scores that many at a time."""
+        return 1
+
     def score(
         self,
         features: list[np.ndarray],

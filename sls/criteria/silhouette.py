@@ -140,13 +140,22 @@ def tsne_embedding(
 
 
 def _torchdr_embedding(features: np.ndarray, perplexity: float, random_state: int) -> np.ndarray:
+    """TorchDR's t-SNE, seeded by ``random_state`` inside :func:`sls._rng.seeded`: TorchDR's
+    own ``random_state`` would reseed every global generator and switch cuDNN's
+    settings for the whole process, so it is not given one, and cuDNN's flags are
+    restored after it."""
     import torch
     from torchdr import TSNE as TorchDRTSNE
 
+    from sls._rng import seeded
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    points = TorchDRTSNE(perplexity=perplexity, n_components=2, init="pca", max_iter=1000, early_exaggeration_coeff=12.0,
-                         early_exaggeration_iter=250, device=device, random_state=random_state,
-                         verbose=False).fit_transform(torch.from_numpy(np.ascontiguousarray(features, np.float32)))  # fmt: skip
+    cudnn = torch.backends.cudnn
+    with seeded(random_state), cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                                           deterministic=cudnn.deterministic):  # fmt: skip
+        points = TorchDRTSNE(perplexity=perplexity, n_components=2, init="pca", max_iter=1000, early_exaggeration_coeff=12.0,
+                             early_exaggeration_iter=250, device=device, random_state=None,
+                             verbose=False).fit_transform(torch.from_numpy(np.ascontiguousarray(features, np.float32)))  # fmt: skip
     return points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
 
 
@@ -247,15 +256,20 @@ class TSNESilhouette(Criterion):
         self.n_jobs = n_jobs
         self.progress = progress
 
+    def parallel_blocks(self, n_blocks: int) -> int:
+        from joblib import effective_n_jobs
+
+        if self.backend == "torchdr" and _cuda_available():
+            return 1  # one GPU: the blocks run one after the other on it
+        return min(effective_n_jobs(self.n_jobs), n_blocks)
+
     def score(self, features, labels, *, block_input=None, random_state=0, run=0):
         """Scores per block; ``run`` > 0 (a further seed of ``--seeds``) jitters the start."""
-        from joblib import Parallel, cpu_count, delayed, effective_n_jobs
+        from joblib import Parallel, cpu_count, delayed
         from tqdm.auto import tqdm
 
         features, labels = check_features(features, labels)
-        n_jobs = min(effective_n_jobs(self.n_jobs), len(features))
-        if self.backend == "torchdr" and _cuda_available():
-            n_jobs = 1  # one GPU: the blocks run one after the other on it
+        n_jobs = self.parallel_blocks(len(features))
         options = {"backend": self.backend, "perplexity": self.perplexity, "random_state": random_state,
                    "pca_dims": self.pca_dims, "jitter": run > 0}  # fmt: skip
         if n_jobs == 1:

@@ -171,12 +171,12 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, data: ImageSource, indices: np.ndarray, transform, *, skip_bad: bool = False,
-                 store: bool = False, progress: bool = False) -> None:  # fmt: skip
+                 store: bool = False, progress: bool = False, cache: bool = True) -> None:  # fmt: skip
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
         self.store = store and isinstance(transform, ModelTransform)
-        self.progress = progress
+        self.progress, self.cache = progress, cache
         self._pixels: np.ndarray | None = None
         self.skipped: list[tuple[int, str]] = []
         if skip_bad and isinstance(data, LabelledFiles):
@@ -197,18 +197,21 @@ class ImageDataset(Dataset):
     def pixels(self) -> np.ndarray | None:
         """The resized uint8 images ``(n, c, side, side)`` (filled on first use), or None without a store."""
         if self.store and self._pixels is None:
-            self._pixels = image_store(self.data, self.indices, self.transform, progress=self.progress)
+            self._pixels = image_store(self.data, self.indices, self.transform, progress=self.progress,
+                                       cache=self.cache)  # fmt: skip
+            if self._pixels is None:  # too large for memory, and no cache to map it from
+                self.store = False
         return self._pixels
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if self.store:
+        if self.store and self.pixels is not None:
             return self.__getitems__([i])[0]
         j = self.indices[i]
         return self.transform(self.data.image(j)), int(self.data.labels[j])
 
     def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, int]]:
         """Items at ``positions``: from the store, normalised as one batch."""
-        if not self.store:
+        if not self.store or self.pixels is None:
             return [self[i] for i in positions]
         positions = np.asarray(positions, dtype=np.int64)
         batch = self.transform.normalize(torch.from_numpy(np.ascontiguousarray(self.pixels[positions])))

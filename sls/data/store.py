@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import warnings
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,11 @@ from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
 from sls._io import atomic_write, cache_dir
-from sls.errors import DataError, DiskFullError, SLSError
+from sls.errors import DataError, SLSError
 
 STORE_FORMAT = 1
 DEFAULT_MAX_MEMORY_MB = 4096
+DEFAULT_MAX_DISK_MB = 16384
 MIN_PARALLEL_DECODE = 512
 """Images below which decoding stays in this process (worker start-up would cost more)."""
 
@@ -78,20 +80,37 @@ class ModelTransform(transforms.Compose):
         return F.normalize(batch, list(self.mean), list(self.std), inplace=True)
 
 
-def store_budget() -> int:
-    """Bytes a store may take in memory: ``$SLS_STORE_MAX_MB`` (default 4096), at most a
-    quarter of the memory available now; a larger store is memory-mapped from the cache."""
-    text = os.environ.get("SLS_STORE_MAX_MB", str(DEFAULT_MAX_MEMORY_MB))
+def _megabytes(variable: str, default: int) -> int:
+    text = os.environ.get(variable, str(default))
     try:
-        limit = int(float(text) * 1024 * 1024)
+        return int(float(text) * 1024 * 1024)
     except (ValueError, OverflowError):
-        warnings.warn(f"SLS_STORE_MAX_MB={text!r} is not a number; using {DEFAULT_MAX_MEMORY_MB}", stacklevel=2)
-        limit = DEFAULT_MAX_MEMORY_MB * 1024 * 1024
+        warnings.warn(f"{variable}={text!r} is not a number; using {default}", stacklevel=3)
+        return default * 1024 * 1024
+
+
+def _available_memory() -> int | None:
+    """MemAvailable (what can be allocated without swapping), None where unknown."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return limit
-    return min(limit, available // 4)
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def store_budget() -> int:
+    """Bytes this process's in-memory stores may take together: ``$SLS_STORE_MAX_MB``
+    (default 4096), at most a quarter of the memory available now, shared among the
+    processes of this machine under torchrun (``LOCAL_WORLD_SIZE``); a larger store is
+    memory-mapped from the cache."""
+    limit = _megabytes("SLS_STORE_MAX_MB", DEFAULT_MAX_MEMORY_MB)
+    available = _available_memory()
+    if available is not None:
+        limit = min(limit, available // 4)
+    return limit // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def decode_workers(n_images: int) -> int:
@@ -154,11 +173,16 @@ def images_dir() -> Path:
 
 
 def image_store(data, indices: np.ndarray, transform: ModelTransform, *, max_bytes: int | None = None,
-                folder: Path | None = None, progress: bool = False) -> np.ndarray:  # fmt: skip
+                folder: Path | None = None, progress: bool = False, cache: bool = True) -> np.ndarray | None:  # fmt: skip
     """The images ``indices`` of ``data``, resized by ``transform``, as uint8
     ``(n, channels, side, side)``: an array in memory when it fits in ``max_bytes``
     (default :func:`store_budget`), else a read-only memory map of a ``.npy`` file in
-    ``folder`` (default: the cache's ``images/``), written once (atomically) and reused.
+    ``folder`` (default: the cache's ``images/``), written once (atomically) and reused;
+    the folder keeps at most ``$SLS_STORE_CACHE_MAX_MB`` (default 16384), least recently
+    used stores first out.
+
+    None (the caller decodes per item) when the store fits neither in memory nor, with
+    ``cache`` False or an unwritable cache, on disk.
 
     Raises:
         DataError: an image cannot be decoded (as reading it one at a time would).
@@ -168,21 +192,27 @@ def image_store(data, indices: np.ndarray, transform: ModelTransform, *, max_byt
     size = len(indices) * channels * side * side
     limit = store_budget() if max_bytes is None else max_bytes
     key = store_key(data, indices, transform)
-    if size <= limit:
-        if key in _IN_MEMORY:  # the same split in this process (the next stage of `sls run`)
-            _IN_MEMORY[key] = _IN_MEMORY.pop(key)
-            return _IN_MEMORY[key]
+    if key in _IN_MEMORY and size <= limit:  # the same split in this process (the next stage of `sls run`)
+        _IN_MEMORY[key] = _IN_MEMORY.pop(key)
+        return _IN_MEMORY[key]
+    while _IN_MEMORY and size + sum(p.nbytes for p in _IN_MEMORY.values()) > limit:
+        _IN_MEMORY.pop(next(iter(_IN_MEMORY)))  # the least recently used first
+    if size + sum(p.nbytes for p in _IN_MEMORY.values()) <= limit:  # every store of the process together
         pixels = np.empty((len(indices), channels, side, side), dtype=np.uint8)
         _fill(pixels, data, indices, transform, progress)
         pixels.flags.writeable = False
-        _remember(key, pixels, limit)
+        _IN_MEMORY[key] = pixels
         return pixels
-    path = (folder or images_dir()) / f"{key}.npy"
+    if not cache:
+        return None
+    folder = folder or images_dir()
+    path = folder / f"{key}.npy"
     if path.is_file():
         try:
             stored = np.load(path, mmap_mode="r")
             if stored.shape == (len(indices), channels, side, side) and stored.dtype == np.uint8:
-                os.utime(path)
+                with suppress(OSError):  # another user's store in a shared cache: read, not touched
+                    os.utime(path)
                 return stored
         except (OSError, ValueError):
             pass  # unreadable: written again below
@@ -196,21 +226,18 @@ def image_store(data, indices: np.ndarray, transform: ModelTransform, *, max_byt
 
     try:
         atomic_write(path, write)
-    except (DiskFullError, OSError) as err:
-        raise SLSError(f"the {size / 2**20:.0f} MB image store does not fit in memory (SLS_STORE_MAX_MB) and could "
-                       f"not be written to {path.parent}: {err}") from None  # fmt: skip
+    except (SLSError, OSError) as err:  # a full disk, a read-only cache: decode per item instead
+        warnings.warn(f"the {size / 2**20:.0f} MB image store fits neither in memory (SLS_STORE_MAX_MB) nor in "
+                      f"{folder} ({' '.join(str(err).split())[:120]}); decoding every image at every use", stacklevel=2)  # fmt: skip
+        return None
+    from sls.features import evict
+
+    evict(folder, _megabytes("SLS_STORE_CACHE_MAX_MB", DEFAULT_MAX_DISK_MB), keep=path, pattern="*.npy")
     return np.load(path, mmap_mode="r")
 
 
 _IN_MEMORY: dict[str, np.ndarray] = {}
 """The in-memory stores of this process, least recently used first."""
-
-
-def _remember(key: str, pixels: np.ndarray, limit: int) -> None:
-    """Keep ``pixels`` for later stages, dropping the least recently used stores beyond ``limit`` bytes."""
-    _IN_MEMORY[key] = pixels
-    while sum(p.nbytes for p in _IN_MEMORY.values()) > limit and len(_IN_MEMORY) > 1:
-        _IN_MEMORY.pop(next(iter(_IN_MEMORY)))
 
 
 def forget_stores() -> None:

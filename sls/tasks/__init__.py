@@ -38,15 +38,18 @@ def loader_settings(dataset: Dataset, device: torch.device | str | None) -> dict
 
     A dataset read from a uint8 store (``dataset.store``) needs no worker: a batch is an
     index and one normalisation. One that decodes images per item gets, for a GPU, a
-    worker per core (at most 8, kept alive between epochs) so decoding overlaps the
-    GPU's work; on the CPU the cores are the model's, so it decodes in this process.
+    worker per core (at most 8) so decoding overlaps the GPU's work; on the CPU the cores
+    are the model's, so it decodes in this process. Workers are not kept between epochs:
+    a new iterator draws its workers' seed from the loader's generator before the
+    shuffle and a kept one does not, so keeping them would make a rewound generator
+    (retraining, :func:`sls.pipeline.retrain_pruned`) shuffle differently the second time.
     Batches for a GPU are pinned (page-locked), so their copy to it can be asynchronous.
     """
     from sls.data.store import decode_workers
 
     cuda = device is not None and torch.device(device).type == "cuda"
     workers = 0 if getattr(dataset, "store", False) or not cuda else decode_workers(len(dataset))
-    return {"num_workers": workers, "pin_memory": cuda, "persistent_workers": workers > 0}
+    return {"num_workers": workers, "pin_memory": cuda}
 
 
 class TaskType:
@@ -81,9 +84,10 @@ class TaskType:
         raise NotImplementedError
 
     def dataset(self, data, indices: np.ndarray, transform, img_size: int, *, skip_bad: bool = False,
-                progress: bool = False) -> Dataset:  # fmt: skip
+                progress: bool = False, cache: bool = True) -> Dataset:  # fmt: skip
         """Torch view of ``indices`` of ``data``: (image tensor, target) pairs
-        (``progress``: a bar while images are decoded into a store)."""
+        (``progress``: a bar while images are decoded into a store; ``cache``: a store too
+        large for memory may be memory-mapped from the cache folder)."""
         raise NotImplementedError
 
     def loader(self, dataset: Dataset, *, batch_size: int = EVAL_BATCH, shuffle: bool = False,

@@ -28,8 +28,8 @@ class Classification(TaskType):
     def splits(self, data, *, train_size, test_size):
         return make_splits(data, train_size=train_size, test_size=test_size)
 
-    def dataset(self, data, indices, transform, img_size, *, skip_bad=False, progress=False):
-        return ImageDataset(data, indices, transform, skip_bad=skip_bad, store=True, progress=progress)
+    def dataset(self, data, indices, transform, img_size, *, skip_bad=False, progress=False, cache=True):
+        return ImageDataset(data, indices, transform, skip_bad=skip_bad, store=True, progress=progress, cache=cache)
 
     def analysed(self, data, train: np.ndarray, samples: int | None) -> np.ndarray:
         return stratified_subset(train, data.labels, samples)

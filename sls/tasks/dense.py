@@ -131,7 +131,7 @@ class DenseTask(TaskType):
     def splits(self, data, *, train_size, test_size) -> Splits:
         return dense_splits(data, train_size=train_size, test_size=test_size)
 
-    def dataset(self, data, indices, transform, img_size, *, skip_bad=False, progress=False):
+    def dataset(self, data, indices, transform, img_size, *, skip_bad=False, progress=False, cache=True):
         return DenseDataset(data, indices, transform, img_size, self.name)
 
     def analysed(self, data, train, samples):
