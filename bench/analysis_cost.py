@@ -97,7 +97,7 @@ def tsne_floor(features: list[np.ndarray], labels: np.ndarray, blocks: list[int]
     seconds = []
     with threadpool_limits(limits=1):
         for block in blocks:
-            seconds.append(timed(tsne_silhouette_block, features[block - 1], labels, backend=backend)[0])
+            seconds.append(timed(lambda f=features[block - 1]: tsne_silhouette_block(f, labels, backend=backend))[0])
     return max(max(seconds), sum(seconds) / cores)
 
 
@@ -154,7 +154,7 @@ def main() -> None:
     plains, passes = [], []
     for _ in range(args.rounds):
         plains.append(timed(plain_pass, model, loader)[0])
-        t_pass, feats = timed(block_features, model, loader)
+        t_pass, feats = timed(lambda: block_features(model, loader, progress=False))
         passes.append(t_pass)
     t_plain, t_features = min(plains), min(passes)
 

@@ -43,10 +43,10 @@ def folder_set(root: Path, n_images: int) -> Path:
     rng = np.random.default_rng(0)
     if len(list(root.rglob("*.jpg"))) == n_images:
         return root
-    for i in range(n_images):
-        label = int(digits.labels[i])
+    for i, j in enumerate(np.linspace(0, len(digits.labels) - 1, n_images).astype(int)):  # every class
+        label = int(digits.labels[j])
         canvas = rng.integers(0, 60, size=(360, 480, 3), dtype=np.uint8)
-        digit = np.asarray(Image.fromarray(digits.images[i]).resize((280, 280), Image.BICUBIC))
+        digit = np.asarray(Image.fromarray(digits.images[j]).resize((280, 280), Image.BICUBIC))
         canvas[40:320, 100:380] = np.maximum(canvas[40:320, 100:380], digit[..., None])
         (root / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(canvas).save(root / str(label) / f"{i}.jpg", quality=90)
@@ -118,7 +118,8 @@ def main() -> None:
     for name in args.sets.split(","):
         if name == "demo":
             data = load_dataset("mnist5k")
-            measure("demo (mnist5k)", data, np.arange(args.images), 84, args.steps)
+            spread = np.linspace(0, len(data.labels) - 1, args.images).astype(int)
+            measure("demo (mnist5k)", data, spread, 84, args.steps)
         else:
             root = folder_set(Path(tempfile.gettempdir()) / f"sls-bench-folder-{args.images}", args.images)
             data = read_files(str(root))

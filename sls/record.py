@@ -61,7 +61,8 @@ class TaskRecord:
         results: ``accuracy`` (full, pruned_no_retrain, pruned_retrained), ``throughput``,
             ``parameters``, ``storage_bytes``, ``seconds``.
         training: stage name -> one ``{"epoch", "loss", "val_accuracy"}`` row per epoch.
-        runs: one ``{"stage", "device", "amp", "channels_last", "threads", "world_size"}`` per stage run.
+        runs: one ``{"stage", "device", "amp", "channels_last", "compile", "threads", "world_size", "seconds",
+            "peak_rss_mb"}`` per stage run (peak_rss_mb: the process's peak resident memory by then).
         files: tensor file kind (``task``, ``finetuned``) -> ``{"file", "sha256", "bytes"}``.
     """
 

@@ -94,7 +94,17 @@ def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None,
 def _ran(record: TaskRecord, exp: Experiment, stage: str, started: float) -> None:
     record.config = exp.config
     record.runs.append({"stage": stage, **exp.runtime.describe(), "world_size": distributed.world_size(),
-                        "seconds": round(time.perf_counter() - started, 1)})  # fmt: skip
+                        "seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": _peak_rss_mb()})  # fmt: skip
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def _save(task_dir: Path, model, record: TaskRecord, **kwargs) -> None:

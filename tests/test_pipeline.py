@@ -114,6 +114,7 @@ def test_a_run_builds_the_backbone_and_reads_the_data_once(tmp_path, monkeypatch
     record = run(RunConfig(**TINY | dict(epochs=1, retrain_epochs=1), out=str(tmp_path / "t"))).to_dict()
     assert record["stages"] == ["finetune", "prune", "retrain", "evaluate"]
     assert len(builds) == 1 and reads == ["digits"]
+    assert all(run_["peak_rss_mb"] > 0 for run_ in record["runs"])  # what each stage held at most, by then
     # The stage commands, each its own command, build and read once each.
     from sls.stages import stage_evaluate
 

@@ -182,3 +182,11 @@ def test_the_in_memory_budget_counts_every_store_of_the_process(tmp_path, monkey
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("SLS_STORE_MAX_MB", "400")
     assert store.store_budget() <= 100 * 1024 * 1024  # shared among the processes of the machine
+
+
+def test_filling_a_store_leaves_the_global_generators_alone(tmp_path):
+    data = _folder(tmp_path / "images")
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    ImageDataset(data, np.arange(len(data)), make_transform(16, MEAN, STD), store=True)[0]
+    assert torch.equal(torch.get_rng_state(), before)

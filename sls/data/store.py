@@ -246,8 +246,11 @@ def forget_stores() -> None:
 
 
 def _fill(pixels: np.ndarray, data, indices: np.ndarray, transform: ModelTransform, progress: bool) -> None:
-    workers = decode_workers(len(indices))
-    loader = DataLoader(_Resized(data, indices, transform), batch_size=64, num_workers=workers, collate_fn=_as_list)
+    # Files are decoded in workers; an in-memory set is cheaper to resize here than to fork for.
+    workers = decode_workers(len(indices)) if getattr(data, "paths", None) is not None else 0
+    # Its own generator: a loader draws its workers' seed from the global one otherwise.
+    loader = DataLoader(_Resized(data, indices, transform), batch_size=64, num_workers=workers, collate_fn=_as_list,
+                        generator=torch.Generator())  # fmt: skip
     done = 0
     with tqdm(total=len(indices), desc="decoding images", unit="img", disable=not progress) as bar:
         for items in loader:
