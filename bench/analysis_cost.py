@@ -40,6 +40,7 @@ from joblib import effective_n_jobs
 from torch.utils.data import DataLoader
 
 from sls.backbones import block_features, create_backbone, vit
+from sls.bench import peak_rss_mb
 from sls.criteria.silhouette import tsne_silhouette_block
 from sls.data import ImageDataset, load_dataset, make_splits, make_transform, stratified_subset
 from sls.experiment import load_task
@@ -99,12 +100,6 @@ def tsne_floor(features: list[np.ndarray], labels: np.ndarray, blocks: list[int]
         for block in blocks:
             seconds.append(timed(lambda f=features[block - 1]: tsne_silhouette_block(f, labels, backend=backend))[0])
     return max(max(seconds), sum(seconds) / cores)
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

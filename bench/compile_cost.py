@@ -14,13 +14,12 @@ has paid for itself. Peak resident memory is printed.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
 
 from sls.backbones import create_backbone, truncate
-from sls.bench import throughput
+from sls.bench import peak_rss_mb, throughput
 from sls.petl import create_petl
 from sls.petl.merge import deployable_model
 from sls.runtime import COMPILE_FAILURES, Runtime
@@ -96,7 +95,7 @@ def main() -> None:
           + (f"break-even after {compile_train / saved_train:.0f} steps" if saved_train > 0 else "never pays off here"))
     if COMPILE_FAILURES:
         print(f"compile failed, eager figures: {COMPILE_FAILURES[0]}")
-    print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"peak resident memory: {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

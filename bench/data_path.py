@@ -19,7 +19,6 @@ at 224 px; ``demo`` is the embedded MNIST-5k at 84 px. Peak resident memory is p
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from sls.backbones import create_backbone
+from sls.bench import peak_rss_mb
 from sls.data import ImageDataset, load_dataset, make_transform
 from sls.data.files import read_files
 from sls.data.store import forget_stores
@@ -124,7 +124,7 @@ def main() -> None:
             root = folder_set(Path(tempfile.gettempdir()) / f"sls-bench-folder-{args.images}", args.images)
             data = read_files(str(root))
             measure("224 px image folder (480 x 360 JPEGs)", data, np.arange(len(data)), 224, args.steps)
-    print(f"\npeak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"\npeak resident memory: {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

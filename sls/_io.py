@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -82,6 +83,17 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def megabytes_from_env(variable: str, default: int) -> int:
+    """``$variable`` megabytes as bytes (``default`` MB when unset); a value that is not a
+    number warns once and gives the default."""
+    text = os.environ.get(variable, str(default))
+    try:
+        return int(float(text) * 1024 * 1024)
+    except (ValueError, OverflowError):
+        warnings.warn(f"{variable}={text!r} is not a number; using {default}", stacklevel=3)
+        return default * 1024 * 1024
 
 
 def cache_dir() -> Path:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -275,6 +276,16 @@ def measure(
                                                   warmup_time=warmup_time, runtime=runtime)  # fmt: skip
         results[name]["peak_memory"] = peak_memory(model, batch_size=batch_sizes[-1], img_size=img_size, runtime=runtime)
     return results
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def parameter_count(model: nn.Module) -> int:

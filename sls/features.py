@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sls import distributed
-from sls._io import atomic_write, cache_dir
+from sls._io import atomic_write, cache_dir, megabytes_from_env
 from sls.backbones import BlockFeatures, block_features, fingerprint
 from sls.errors import SLSError
 
@@ -39,12 +39,7 @@ def features_dir() -> Path:
 
 def max_bytes() -> int:
     """The cache's size cap: ``$SLS_CACHE_MAX_MB`` megabytes (default 2048)."""
-    text = os.environ.get("SLS_CACHE_MAX_MB", str(DEFAULT_MAX_MB))
-    try:
-        return int(float(text) * 1024 * 1024)
-    except (ValueError, OverflowError):
-        warnings.warn(f"SLS_CACHE_MAX_MB={text!r} is not a number; using {DEFAULT_MAX_MB}", stacklevel=2)
-        return DEFAULT_MAX_MB * 1024 * 1024
+    return megabytes_from_env("SLS_CACHE_MAX_MB", DEFAULT_MAX_MB)
 
 
 def feature_key(model: nn.Module, **parts) -> str:

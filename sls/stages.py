@@ -29,7 +29,7 @@ from sls import __version__, distributed
 from sls._io import write_text
 from sls._lock import describe_holder, folder_lock
 from sls.artifact import collect_garbage, save_task, task_tensor_bytes
-from sls.bench import measure
+from sls.bench import measure, peak_rss_mb
 from sls.config import NOT_COMPARED, RUNTIME_KEYS, RunConfig, config_fields, config_yaml, default_out_dir, nearest
 from sls.errors import ConfigError
 from sls.experiment import Experiment, pruned_model
@@ -94,17 +94,8 @@ def _open(task_dir: Path, stage: str, settings: dict, runtime: Runtime | None,
 def _ran(record: TaskRecord, exp: Experiment, stage: str, started: float) -> None:
     record.config = exp.config
     record.runs.append({"stage": stage, **exp.runtime.describe(), "world_size": distributed.world_size(),
-                        "seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": _peak_rss_mb()})  # fmt: skip
+                        "seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": peak_rss_mb()})  # fmt: skip
 
-
-def _peak_rss_mb() -> float | None:
-    """This process's peak resident memory so far, in MB (None where the platform does not say)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def _save(task_dir: Path, model, record: TaskRecord, **kwargs) -> None:

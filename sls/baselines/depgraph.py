@@ -474,7 +474,7 @@ def ratio_for_parameter_reduction(
         raise ConfigError(f"target_removed_params must be >= 0, got {target_removed_params}")
     total = _count(model)
     closed_form = parameter_count_at(model, example_loader, round_to=round_to, heads=heads)
-    batches = _first_batches(example_loader, 1)
+    batches = _first_batches(example_loader, 1) if closed_form is None else None  # only to prune at each ratio
 
     def removed(ratio: float) -> int:
         if closed_form is not None:

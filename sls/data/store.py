@@ -32,7 +32,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
-from sls._io import atomic_write, cache_dir
+from sls._io import atomic_write, cache_dir, megabytes_from_env
 from sls.errors import DataError, SLSError
 
 STORE_FORMAT = 1
@@ -80,15 +80,6 @@ class ModelTransform(transforms.Compose):
         return F.normalize(batch, list(self.mean), list(self.std), inplace=True)
 
 
-def _megabytes(variable: str, default: int) -> int:
-    text = os.environ.get(variable, str(default))
-    try:
-        return int(float(text) * 1024 * 1024)
-    except (ValueError, OverflowError):
-        warnings.warn(f"{variable}={text!r} is not a number; using {default}", stacklevel=3)
-        return default * 1024 * 1024
-
-
 def _available_memory() -> int | None:
     """MemAvailable (what can be allocated without swapping), None where unknown."""
     try:
@@ -106,7 +97,7 @@ def store_budget() -> int:
     (default 4096), at most a quarter of the memory available now, shared among the
     processes of this machine under torchrun (``LOCAL_WORLD_SIZE``); a larger store is
     memory-mapped from the cache."""
-    limit = _megabytes("SLS_STORE_MAX_MB", DEFAULT_MAX_MEMORY_MB)
+    limit = megabytes_from_env("SLS_STORE_MAX_MB", DEFAULT_MAX_MEMORY_MB)
     available = _available_memory()
     if available is not None:
         limit = min(limit, available // 4)
@@ -232,7 +223,7 @@ def image_store(data, indices: np.ndarray, transform: ModelTransform, *, max_byt
         return None
     from sls.features import evict
 
-    evict(folder, _megabytes("SLS_STORE_CACHE_MAX_MB", DEFAULT_MAX_DISK_MB), keep=path, pattern="*.npy")
+    evict(folder, megabytes_from_env("SLS_STORE_CACHE_MAX_MB", DEFAULT_MAX_DISK_MB), keep=path, pattern="*.npy")
     return np.load(path, mmap_mode="r")
 
 
