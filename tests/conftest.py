@@ -51,3 +51,30 @@ def striped_arrays(n_per_class: int = 40, size: int = 16, seed: int = 0) -> Imag
             images.append(np.clip(img, 0, 255).astype(np.uint8))
             labels.append(label)
     return ImageArrays(np.stack(images), np.array(labels), ["horizontal", "vertical", "plain"], "generated")
+
+
+@pytest.fixture(scope="session")
+def served_tasks(tmp_path_factory):
+    """Pruned task folders over ONE random test_vit: three classifiers of digits (LoRA k=3,
+    adapter k=2, RepAdapter k=5) at 32 px, and a segmentation (k=3) and a detection task
+    (k=2) of tiny scenes at 64 px (another input size, so a second backbone)."""
+    from helpers import tiny_scenes
+
+    from sls.config import RunConfig
+    from sls.data.dense import DENSE_EMBEDDED
+    from sls.stages import run
+
+    root = tmp_path_factory.mktemp("served")
+    tiny = dict(model="test_vit", weights="random", force=True, progress=False, cache=False, throughput_batch=4)
+    digits = dict(data="digits", img_size=32, train_samples=200, test_samples=60, analysis_samples=None, epochs=2,
+                  retrain_epochs=1, lr=3e-2, batch_size=32)  # fmt: skip
+    scenes = dict(data="tiny-scenes", img_size=64, epochs=1, retrain_epochs=1, lr=3e-3, batch_size=4)
+    made = {"lora3": dict(digits, petl="lora", depth=3), "adapter2": dict(digits, petl="adapter", depth=2),
+            "repadapter5": dict(digits, petl="repadapter", depth=5, seed=1),
+            "seg3": dict(scenes, task="segmentation", depth=3), "det2": dict(scenes, task="detection", depth=2)}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLS_CACHE", str(tmp_path_factory.getbasetemp() / "sls-cache"))
+        patch.setitem(DENSE_EMBEDDED, "tiny-scenes", lambda: tiny_scenes(n=16))
+        for name, extra in made.items():
+            run(RunConfig(**tiny | extra, out=str(root / name)))
+    return {name: root / name for name in made}

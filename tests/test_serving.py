@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -10,22 +13,14 @@ from sls.data import load_dataset
 from sls.errors import TaskRecordError
 from sls.experiment import load_task
 from sls.serving import TaskPool
-from sls.stages import run, stage_finetune
+from sls.stages import stage_finetune
 
-TINY = dict(model="test_vit", weights="random", data="digits", img_size=32, train_samples=200, test_samples=60,
-            analysis_samples=None, epochs=2, retrain_epochs=1, lr=3e-2, batch_size=32, throughput_batch=4,
-            force=True, progress=False)  # fmt: skip
+CLASSIFIERS = ("lora3", "adapter2", "repadapter5")
 
 
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    made = {}
-    for name, extra in {"lora3": dict(petl="lora", depth=3), "adapter2": dict(petl="adapter", depth=2),
-                        "repadapter5": dict(petl="repadapter", depth=5, seed=1)}.items():  # fmt: skip
-        made[name] = root / name
-        run(RunConfig(**TINY | extra, out=str(made[name])))
-    return made
+@pytest.fixture
+def tasks(served_tasks):
+    return {name: served_tasks[name] for name in CLASSIFIERS}
 
 
 def _images(n=6):
@@ -55,8 +50,49 @@ def test_every_task_predicts_as_its_folder_does_over_one_shared_backbone(tasks):
     assert pool.shared_bytes() == sum(p.numel() * 4 for p in base.parameters())
 
 
-def test_a_folder_that_is_not_a_pruned_classification_task_is_refused(tmp_path):
+def test_a_folder_that_is_not_pruned_is_refused(tmp_path):
     folder = tmp_path / "finetuned"
-    stage_finetune(RunConfig(**TINY, out=str(folder)))
+    stage_finetune(RunConfig(model="test_vit", weights="random", data="digits", img_size=32, train_samples=100,
+                             test_samples=30, epochs=1, progress=False, out=str(folder)))  # fmt: skip
     with pytest.raises(TaskRecordError, match="not pruned yet"):
         TaskPool().add(folder)
+
+
+def test_dense_tasks_answer_as_sls_predict_writes(served_tasks, tmp_path):
+    from helpers import tiny_scenes
+    from PIL import Image
+
+    from sls.cli import main
+
+    pool = TaskPool()
+    for name in ("seg3", "det2", "lora3"):
+        pool.add(served_tasks[name], name)
+    assert len(pool.backbones) == 2  # 64 px for the dense tasks, 32 px for the classifier
+    image = Image.fromarray(tiny_scenes(n=16).scenes.images[14]).resize((80, 72))  # not the model's size
+    image.save(tmp_path / "scene.png")
+    for name in ("seg3", "det2"):
+        out = tmp_path / name
+        assert main(["predict", str(served_tasks[name]), str(tmp_path / "scene.png"), "--out", str(out),
+                     "--threshold", "0.0"]) == 0  # fmt: skip
+        answer = pool.answer(name, [image], threshold=0.0)[0]
+        if name == "seg3":
+            written = np.asarray(Image.open(out / "scene.png"))
+            assert answer["mask"].shape == (72, 80)
+            np.testing.assert_array_equal(answer["mask"], written)
+        else:
+            written = json.loads((out / "scene.json").read_text())["boxes"]
+            assert answer["boxes"] == written and len(written) > 0
+    pool.remove("seg3")
+    assert len(pool.backbones) == 2  # the detection task still uses the 64 px backbone
+    pool.remove("det2")
+    assert len(pool.backbones) == 1 and set(pool.tasks) == {"lora3"}
+
+
+def test_task_folders_are_found_in_a_folder_of_tasks(served_tasks, tmp_path):
+    from sls.serving import task_folders
+
+    root = served_tasks["lora3"].parent
+    assert task_folders([root]) == sorted(served_tasks.values())
+    assert task_folders([served_tasks["seg3"]]) == [served_tasks["seg3"]]
+    with pytest.raises(TaskRecordError, match="no such task folder"):
+        task_folders([tmp_path / "missing"])

@@ -53,6 +53,36 @@ def _save_png(path: Path, image: Image.Image) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def mask_of(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One image's ``(classes, h, w)`` segmentation logits as the ``(height, width)`` uint8
+    class of every pixel at the image's own ``size`` (width, height)."""
+    width, height = size
+    up = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear", align_corners=False)
+    return up.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+
+
+def boxes_of(found: dict, size: tuple[int, int], img_size: int, threshold: float) -> tuple[np.ndarray, ...]:
+    """One image's detections (torchvision's ``boxes``/``labels``/``scores`` at the model's
+    input side ``img_size``) with a score of at least ``threshold``, as ``(boxes, labels,
+    scores)`` arrays, the boxes in the pixels of the image's own ``size`` (width, height)."""
+    width, height = size
+    keep = found["scores"] >= threshold
+    scale = torch.tensor([width / img_size, height / img_size] * 2)
+    boxes = (found["boxes"][keep].float().cpu() * scale).numpy()
+    return boxes, found["labels"][keep].cpu().numpy(), found["scores"][keep].float().cpu().numpy()
+
+
+def box_entries(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, classes: list[str]) -> list[dict]:
+    """The JSON of :func:`boxes_of`'s arrays: one ``{box, label, class, score}`` per box."""
+    return [{"box": [round(float(v), 2) for v in box], "label": int(lab), "class": classes[int(lab)],
+             "score": round(float(s), 4)} for box, lab, s in zip(boxes, labels, scores)]  # fmt: skip
+
+
+def present_classes(mask: np.ndarray, classes: list[str]) -> list[str]:
+    """The classes a mask shows (class 0 left out where it is the background)."""
+    return [classes[c] for c in np.unique(mask) if c > 0 or classes[0] != "background"]
+
+
 @torch.inference_mode()
 def predict_dense(task, model: torch.nn.Module, image: Image.Image, transform, img_size: int, classes: list[str],
                   out: Path, stem: str, *, threshold: float = 0.3) -> str:  # fmt: skip
@@ -60,24 +90,16 @@ def predict_dense(task, model: torch.nn.Module, image: Image.Image, transform, i
     at the image's own size) or ``<stem>.json`` (boxes in the image's pixels, scores of
     at least ``threshold``), and ``<stem>.overlay.png``. Returns a one-line summary."""
     device = next(model.parameters()).device
-    width, height = image.size
     batch = transform(image)[None].to(device)
     model.eval()
     if task.name == "segmentation":
-        logits = F.interpolate(model(batch).float(), size=(height, width), mode="bilinear", align_corners=False)
-        mask = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+        mask = mask_of(model(batch)[0], image.size)
         _save_png(out / f"{stem}.png", Image.fromarray(mask))
         _save_png(out / f"{stem}.overlay.png", overlay_mask(image, mask, len(classes)))
-        present = [classes[c] for c in np.unique(mask) if c > 0 or classes[0] != "background"]
-        return f"{stem}.png: {', '.join(present) or 'background only'}"
-    found = model(batch)[0]
-    keep = found["scores"] >= threshold
-    scale = torch.tensor([width / img_size, height / img_size] * 2)
-    boxes = (found["boxes"][keep].float().cpu() * scale).numpy()
-    labels, scores = found["labels"][keep].cpu().numpy(), found["scores"][keep].float().cpu().numpy()
-    entry = {"image": stem, "width": width, "height": height,
-             "boxes": [{"box": [round(float(v), 2) for v in box], "label": int(lab), "class": classes[int(lab)],
-                        "score": round(float(s), 4)} for box, lab, s in zip(boxes, labels, scores)]}  # fmt: skip
+        return f"{stem}.png: {', '.join(present_classes(mask, classes)) or 'background only'}"
+    boxes, labels, scores = boxes_of(model(batch)[0], image.size, img_size, threshold)
+    width, height = image.size
+    entry = {"image": stem, "width": width, "height": height, "boxes": box_entries(boxes, labels, scores, classes)}
     atomic_write(out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(entry, indent=1)))
     _save_png(out / f"{stem}.overlay.png", overlay_boxes(image, boxes, labels, classes, scores))
     return f"{stem}.json: {len(boxes)} box(es) at score >= {threshold:g}"
