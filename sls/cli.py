@@ -447,6 +447,23 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from sls.runtime import Runtime
+    from sls.serve.app import TOKEN_ENV, ServeSettings, serve
+    from sls.serve.pool import TaskPool
+
+    _one_process("serve")
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
+                             max_images=args.max_images, max_pixels=args.max_pixels,
+                             token=args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None)  # fmt: skip
+    runtime = Runtime.from_options(args.device or "auto", bool(args.amp), bool(args.channels_last))
+    serve(args.tasks, host=args.host, port=args.port, settings=settings, pool=TaskPool(runtime),
+          log_level=args.log_level)  # fmt: skip
+    return 0
+
+
 def _data_check_dense(args: argparse.Namespace) -> int:
     from sls.data.layouts import check_dense
     from sls.tasks import get_task
@@ -631,6 +648,29 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "(default: %(default)s)")  # fmt: skip
     add_config_options(predict, RUNTIME_KEYS)
     predict.set_defaults(handler=_predict)
+
+    serve = commands.add_parser("serve", help="serve many pruned tasks over HTTP, each distinct backbone loaded once "
+                                              "(OpenAPI docs at /docs)")  # fmt: skip
+    serve.add_argument("tasks", nargs="+", metavar="TASK_DIR",
+                       help="task folders, or folders of task folders (a reload rescans them)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: %(default)s; any other needs a token)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--token", default=None, help="a token every call must send as 'Authorization: Bearer "
+                                                     "<token>' (default: $SLS_SERVE_TOKEN, else none)")  # fmt: skip
+    serve.add_argument("--max-batch", type=int, default=16, help="the most images of one forward pass "
+                                                                 "(default: %(default)s)")  # fmt: skip
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch's first request waits for "
+                                                                      "others of its task (default: %(default)s)")  # fmt: skip
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="the largest request body (default: %(default)s)")
+    serve.add_argument("--max-images", type=int, default=64, help="the most images of one request "
+                                                                  "(default: %(default)s)")  # fmt: skip
+    serve.add_argument("--max-pixels", type=int, default=40_000_000,
+                       help="the most pixels of one image, refused before decoding (default: %(default)s)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                       help="uvicorn's log level (default: %(default)s)")
+    add_config_options(serve, ("device", "amp", "channels_last"))
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -12,7 +12,7 @@ from sls.config import RunConfig
 from sls.data import load_dataset
 from sls.errors import TaskRecordError
 from sls.experiment import load_task
-from sls.serving import TaskPool
+from sls.serve import TaskPool
 from sls.stages import stage_finetune
 
 CLASSIFIERS = ("lora3", "adapter2", "repadapter5")
@@ -89,7 +89,7 @@ def test_dense_tasks_answer_as_sls_predict_writes(served_tasks, tmp_path):
 
 
 def test_task_folders_are_found_in_a_folder_of_tasks(served_tasks, tmp_path):
-    from sls.serving import task_folders
+    from sls.serve import task_folders
 
     root = served_tasks["lora3"].parent
     assert task_folders([root]) == sorted(served_tasks.values())

@@ -20,6 +20,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,24 +69,37 @@ class LabelledFiles:
         return read_image(self.paths[i], listed_in=self.source, hint="fix or remove it, or pass --skip-bad-images")
 
 
-def read_image(path: str | Path, *, listed_in: str | None = None, hint: str = "") -> Image.Image:
-    """An image file as 8-bit RGB; a missing or undecodable file raises DataError naming it,
-    and so does one over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, where PIL only
-    warns up to twice that): a decompression bomb would take gigabytes to decode."""
+class ImageTooLarge(DataError):
+    """An image over the pixel limit (a possible decompression bomb)."""
+
+
+def read_image(path: str | Path | IO[bytes], *, listed_in: str | None = None, hint: str = "",
+               name: str | None = None, max_pixels: int | None = None) -> Image.Image:  # fmt: skip
+    """An image file (or a binary file object, called ``name`` in errors) as 8-bit RGB; a
+    missing or undecodable file raises DataError naming it, and so does one over the pixel
+    limit, ``max_pixels`` or PIL's ``Image.MAX_IMAGE_PIXELS`` (where PIL only warns up to
+    twice that), as :class:`ImageTooLarge`: a decompression bomb would take gigabytes to
+    decode. The limit is checked from the header, before anything is decoded."""
+    label = name or path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if max_pixels is not None and img.width * img.height > max_pixels:
+                    raise ImageTooLarge(f"{label}: {img.width}x{img.height} pixels, over the limit of {max_pixels}; "
+                                        "refused as a possible decompression bomb")  # fmt: skip
                 img.load()
                 return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{path}: {' '.join(str(err).split())[:200]}; refused as a possible decompression bomb "
-                        "(raise PIL.Image.MAX_IMAGE_PIXELS if you trust it)") from None  # fmt: skip
+        raise ImageTooLarge(f"{label}: {' '.join(str(err).split())[:200]}; refused as a possible decompression bomb "
+                            "(raise PIL.Image.MAX_IMAGE_PIXELS if you trust it)") from None  # fmt: skip
     except FileNotFoundError:
         where = f" (listed in {listed_in})" if listed_in else ""
-        raise DataError(f"{path}: file not found{where}") from None
+        raise DataError(f"{label}: file not found{where}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable image ({err}){'; ' + hint if hint else ''}") from None
+        # PIL names the file in its message; a file object's name is its repr, an address
+        reason = "no image format recognised" if isinstance(err, UnidentifiedImageError) else " ".join(str(err).split())
+        raise DataError(f"{label}: not a readable image ({reason[:200]}){'; ' + hint if hint else ''}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -30,7 +30,7 @@ from sls.backbones import BackboneInfo, create_backbone, shared_copy, truncate
 from sls.data import make_transform
 from sls.data.files import to_rgb
 from sls.data.store import ModelTransform
-from sls.errors import TaskRecordError
+from sls.errors import SLSError, TaskRecordError
 from sls.petl import petl_from_record, trainable_state
 from sls.record import RECORD_FILE, TaskRecord, read_record
 from sls.runtime import Runtime
@@ -65,7 +65,7 @@ class ServedTask:
                 "k": int(self.record.depth), "blocks": self.record.num_blocks, "classes": self.classes,
                 "task_bytes": own, "storage_bytes": stored, "img_size": self.img_size,
                 "metric": self.record.results.get("metric") or self.task_type.metric,
-                "value": self.record.results.get("accuracy")}  # fmt: skip
+                "test": self.record.results.get("accuracy")}  # fmt: skip
 
     def answer(self, output, size: tuple[int, int], *, top_k: int = 5, threshold: float = 0.3) -> dict:
         """One image's answer from its row of :meth:`TaskPool.forward`'s output (``size``: the
@@ -127,7 +127,12 @@ class TaskPool:
         task_type = get_task(record.config.task, **record.config.task_options)
         saved = record.backbone
         weights = record_weights(record)
-        key = (saved["model"], str(weights), int(saved["img_size"]), repr(sorted((saved.get("model_kwargs") or {}).items())))
+        key = (
+            saved["model"],
+            str(weights),
+            int(saved["img_size"]),
+            repr(sorted((saved.get("model_kwargs") or {}).items())),
+        )
         with self._lock:
             if key not in self.backbones:  # built headless: each task brings its own head
                 base, info = create_backbone(saved["model"], num_classes=0, weights=weights,
@@ -159,6 +164,40 @@ class TaskPool:
             task = self.tasks.pop(name)
             if not any(t.backbone_key == task.backbone_key for t in self.tasks.values()):
                 del self.backbones[task.backbone_key]
+
+    def sync(self, paths: list[str | Path]) -> dict[str, list]:
+        """Bring the pool in line with the task folders under ``paths`` (see
+        :func:`task_folders`) and with the folders of the tasks it serves: a new folder is
+        added (named after it), a task whose record changed since it was loaded is loaded
+        again, a task whose folder no longer holds a record is removed. A folder that fails
+        to load is reported under ``failed`` and changes nothing (a task it would replace
+        keeps serving).
+
+        Returns:
+            the names ``added``, ``replaced`` and ``removed``, and ``failed``: one
+            ``{"folder", "error"}`` per folder that did not load.
+        """
+        report: dict[str, list] = {"added": [], "replaced": [], "removed": [], "failed": []}
+        for name, task in list(self.tasks.items()):
+            if not (task.folder / RECORD_FILE).is_file():
+                self.remove(name)
+                report["removed"].append(name)
+        served = {task.folder.resolve(): name for name, task in self.tasks.items()}
+        wanted = task_folders([p for p in map(Path, paths) if p.exists()]) + [t.folder for t in self.tasks.values()]
+        for folder in dict.fromkeys(wanted):
+            name = served.get(folder.resolve())
+            try:
+                if name is None:
+                    if folder.name in self.tasks:
+                        raise TaskRecordError(f"the name {folder.name!r} is served from {self.tasks[folder.name].folder}; "
+                                              "rename one of the two folders")  # fmt: skip
+                    report["added"].append(self.add(folder).name)
+                elif (folder / RECORD_FILE).stat().st_mtime != self.tasks[name].loaded_from:
+                    self.add(folder, name)
+                    report["replaced"].append(name)
+            except (SLSError, OSError) as error:
+                report["failed"].append({"folder": str(folder), "error": " ".join(str(error).split())})
+        return report
 
     @torch.inference_mode()
     def forward(self, name: str, images: torch.Tensor):

@@ -1,0 +1,135 @@
+"""Dynamic batching and the app's error handling, in one process (the HTTP tests run a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from sls.serve.batching import TaskBatcher
+
+
+def _recording(log, name, seconds=0.0):
+    def forward(images):
+        log.append((name, len(images)))
+        time.sleep(seconds)
+        return [row.sum() for row in images]
+
+    return forward
+
+
+def _images(n, value=1.0):
+    return torch.full((n, 1, 2, 2), value)
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_requests_within_the_window_run_as_one_batch_and_get_their_own_rows():
+    async def scenario():
+        log = []
+        with ThreadPoolExecutor(1) as executor:
+            batcher = TaskBatcher(_recording(log, "a"), executor, max_batch=16, max_wait_ms=200)
+            answers = await asyncio.gather(*(batcher.submit(_images(n, float(n))) for n in (1, 2, 3)))
+            await batcher.close()
+        return log, answers
+
+    log, answers = _run(scenario())
+    assert log == [("a", 6)]  # one forward pass for the three requests
+    assert [[float(x) for x in rows] for rows in answers] == [[4.0], [8.0, 8.0], [12.0, 12.0, 12.0]]
+
+
+def test_max_batch_is_kept_and_a_larger_request_runs_in_pieces():
+    async def scenario():
+        log = []
+        with ThreadPoolExecutor(1) as executor:
+            batcher = TaskBatcher(_recording(log, "a"), executor, max_batch=4, max_wait_ms=200)
+            answers = await asyncio.gather(batcher.submit(_images(3)), batcher.submit(_images(2)),
+                                           batcher.submit(_images(9)))  # fmt: skip
+            await batcher.close()
+        return log, answers
+
+    log, answers = _run(scenario())
+    assert [len(a) for a in answers] == [3, 2, 9]
+    assert all(size <= 4 for _, size in log) and sum(size for _, size in log) == 14
+    assert log[0] == ("a", 3)  # the request of 2 would overflow it: it opens the next batch
+
+
+def test_a_busy_task_delays_another_by_at_most_one_batch():
+    async def scenario():
+        log = []
+        with ThreadPoolExecutor(1) as executor:
+            busy = TaskBatcher(_recording(log, "busy", 0.05), executor, max_batch=1, max_wait_ms=0)
+            other = TaskBatcher(_recording(log, "other", 0.05), executor, max_batch=1, max_wait_ms=0)
+            flood = [asyncio.ensure_future(busy.submit(_images(1))) for _ in range(8)]
+            await asyncio.sleep(0.01)  # the busy task's first batch is running
+            await other.submit(_images(1))
+            await asyncio.gather(*flood)
+            await busy.close()
+            await other.close()
+        return log
+
+    log = _run(scenario())
+    assert log.index(("other", 1)) <= 2  # behind the busy task's running batch and at most one more
+
+
+def test_a_failed_batch_fails_its_requests_only():
+    async def scenario():
+        calls = []
+
+        def forward(images):
+            calls.append(len(images))
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return list(images)
+
+        with ThreadPoolExecutor(1) as executor:
+            batcher = TaskBatcher(forward, executor, max_batch=8, max_wait_ms=0)
+            with pytest.raises(RuntimeError, match="boom"):
+                await batcher.submit(_images(2))
+            after = await batcher.submit(_images(1))
+            await batcher.close()
+        return after
+
+    assert len(_run(scenario())) == 1
+
+
+def test_a_model_error_is_a_500_logged_and_the_next_request_is_served(served_tasks, caplog):
+    from fastapi.testclient import TestClient
+
+    from sls.data import load_dataset
+    from sls.serve import TaskPool, create_app
+
+    pool = TaskPool()
+    pool.add(served_tasks["lora3"], "lora3")
+    png = io.BytesIO()
+    load_dataset("digits").image(0).save(png, format="PNG")
+    files = [("images", ("d.png", png.getvalue(), "image/png"))]
+    forward, failing = pool.forward, threading.Event()
+    failing.set()
+
+    def flaky(name, images):
+        if failing.is_set():
+            failing.clear()
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return forward(name, images)
+
+    pool.forward = flaky
+    with TestClient(create_app(pool)) as client, caplog.at_level(logging.ERROR, logger="sls.serve"):
+        answer = client.post("/v1/tasks/lora3/predict", files=files)
+        assert answer.status_code == 500
+        assert answer.json()["error"].startswith("the model failed on this batch: RuntimeError: CUDA error")
+        assert "\n" not in answer.json()["error"]
+        assert any("forward pass failed" in r.message and r.exc_info for r in caplog.records)
+        again = client.post("/v1/tasks/lora3/predict", files=files)
+        assert again.status_code == 200 and again.json()["predictions"][0]["class"]
+        metrics = client.get("/metrics").text
+        assert 'sls_errors_total{code="500",task="lora3"} 1.0' in metrics
+        assert 'sls_requests_total{code="200",task="lora3"} 1.0' in metrics
