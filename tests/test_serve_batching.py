@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from sls.serve.batching import TaskBatcher
+from sls.serve.batching import Scheduler
 
 
 def _recording(log, name, seconds=0.0):
@@ -36,9 +36,10 @@ def test_requests_within_the_window_run_as_one_batch_and_get_their_own_rows():
     async def scenario():
         log = []
         with ThreadPoolExecutor(1) as executor:
-            batcher = TaskBatcher(_recording(log, "a"), executor, max_batch=16, max_wait_ms=200)
-            answers = await asyncio.gather(*(batcher.submit(_images(n, float(n))) for n in (1, 2, 3)))
-            await batcher.close()
+            scheduler = Scheduler(executor, max_batch=16, max_wait_ms=200)
+            forward = _recording(log, "a")
+            answers = await asyncio.gather(*(scheduler.submit("a", forward, _images(n, float(n))) for n in (1, 2, 3)))
+            await scheduler.close()
         return log, answers
 
     log, answers = _run(scenario())
@@ -50,10 +51,10 @@ def test_max_batch_is_kept_and_a_larger_request_runs_in_pieces():
     async def scenario():
         log = []
         with ThreadPoolExecutor(1) as executor:
-            batcher = TaskBatcher(_recording(log, "a"), executor, max_batch=4, max_wait_ms=200)
-            answers = await asyncio.gather(batcher.submit(_images(3)), batcher.submit(_images(2)),
-                                           batcher.submit(_images(9)))  # fmt: skip
-            await batcher.close()
+            scheduler = Scheduler(executor, max_batch=4, max_wait_ms=200)
+            forward = _recording(log, "a")
+            answers = await asyncio.gather(*(scheduler.submit("a", forward, _images(n)) for n in (3, 2, 9)))
+            await scheduler.close()
         return log, answers
 
     log, answers = _run(scenario())
@@ -62,18 +63,35 @@ def test_max_batch_is_kept_and_a_larger_request_runs_in_pieces():
     assert log[0] == ("a", 3)  # the request of 2 would overflow it: it opens the next batch
 
 
+def test_a_batch_is_formed_when_it_can_run_not_when_its_first_request_came():
+    async def scenario():
+        log = []
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = Scheduler(executor, max_batch=16, max_wait_ms=0)
+            a, b = _recording(log, "a", 0.1), _recording(log, "b", 0.01)
+            running = asyncio.ensure_future(scheduler.submit("a", a, _images(1)))
+            await asyncio.sleep(0.02)  # task a's batch is running; task b's requests wait for the thread
+            waiting = [asyncio.ensure_future(scheduler.submit("b", b, _images(1)))]
+            await asyncio.sleep(0.02)
+            waiting += [asyncio.ensure_future(scheduler.submit("b", b, _images(1))) for _ in range(4)]
+            await asyncio.gather(running, *waiting)
+            await scheduler.close()
+        return log
+
+    assert _run(scenario()) == [("a", 1), ("b", 5)]
+
+
 def test_a_busy_task_delays_another_by_at_most_one_batch():
     async def scenario():
         log = []
         with ThreadPoolExecutor(1) as executor:
-            busy = TaskBatcher(_recording(log, "busy", 0.05), executor, max_batch=1, max_wait_ms=0)
-            other = TaskBatcher(_recording(log, "other", 0.05), executor, max_batch=1, max_wait_ms=0)
-            flood = [asyncio.ensure_future(busy.submit(_images(1))) for _ in range(8)]
+            scheduler = Scheduler(executor, max_batch=1, max_wait_ms=0)
+            busy, other = _recording(log, "busy", 0.05), _recording(log, "other", 0.05)
+            flood = [asyncio.ensure_future(scheduler.submit("busy", busy, _images(1))) for _ in range(8)]
             await asyncio.sleep(0.01)  # the busy task's first batch is running
-            await other.submit(_images(1))
+            await scheduler.submit("other", other, _images(1))
             await asyncio.gather(*flood)
-            await busy.close()
-            await other.close()
+            await scheduler.close()
         return log
 
     log = _run(scenario())
@@ -91,11 +109,11 @@ def test_a_failed_batch_fails_its_requests_only():
             return list(images)
 
         with ThreadPoolExecutor(1) as executor:
-            batcher = TaskBatcher(forward, executor, max_batch=8, max_wait_ms=0)
+            scheduler = Scheduler(executor, max_batch=8, max_wait_ms=0)
             with pytest.raises(RuntimeError, match="boom"):
-                await batcher.submit(_images(2))
-            after = await batcher.submit(_images(1))
-            await batcher.close()
+                await scheduler.submit("a", forward, _images(2))
+            after = await scheduler.submit("a", forward, _images(1))
+            await scheduler.close()
         return after
 
     assert len(_run(scenario())) == 1

@@ -43,7 +43,7 @@ from starlette.formparsers import MultiPartException
 
 from sls.data.files import ImageTooLarge, read_image
 from sls.errors import ConfigError, DataError, SLSError
-from sls.serve.batching import TaskBatcher
+from sls.serve.batching import Scheduler, TaskRemoved
 from sls.serve.metrics import UNKNOWN_TASK, Metrics
 from sls.serve.pool import ServedTask, TaskPool
 
@@ -250,18 +250,18 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
     """The server's ASGI app over ``pool`` (its tasks already loaded)."""
     settings = (settings or ServeSettings()).validate()
     metrics = Metrics()
-    batchers: dict[str, TaskBatcher] = {}
     state: dict = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sls-inference")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sls-inference")
+        state["scheduler"] = Scheduler(executor, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                                       observe=metrics.batch)  # fmt: skip
         state["admin"] = asyncio.Lock()
         metrics.holding(pool)
         yield
-        for batcher in batchers.values():
-            await batcher.close()
-        state["executor"].shutdown(wait=True)
+        await state["scheduler"].close()
+        executor.shutdown(wait=True)
 
     app = FastAPI(title="sls serve", version="1", lifespan=lifespan,
                   description="Many PETL-adapted, SLS-pruned tasks over one shared backbone.")  # fmt: skip
@@ -279,16 +279,16 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
     async def refused(request: Request, error: RequestError) -> JSONResponse:
         return error_response(error.status, error.message)
 
-    def batcher(name: str) -> TaskBatcher:
-        if name not in batchers:
-            batchers[name] = TaskBatcher(lambda images: pool.forward(name, images), state["executor"],
-                                         max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                                         observe=lambda size, seconds: metrics.batch(name, size, seconds))  # fmt: skip
-        return batchers[name]
+    def forward(name: str):
+        def run(images: torch.Tensor):
+            if name not in pool.tasks:  # removed while its requests waited
+                raise TaskRemoved(name)
+            return pool.forward(name, images)
 
-    async def drop(name: str) -> None:
-        if name in batchers:
-            await batchers.pop(name).close()
+        return run
+
+    def drop(name: str) -> None:
+        state["scheduler"].forget(name)
 
     @app.get("/healthz", summary="Liveness: the server answers and how many tasks it holds")
     async def healthz() -> dict:
@@ -317,7 +317,9 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
                 raise RequestError(413, f"{len(files)} images, over the limit of {settings.max_images} (--max-images)")
             images, sizes = await run_in_threadpool(_decode, task, files, settings.max_pixels)
             try:
-                outputs = await batcher(name).submit(images)
+                outputs = await state["scheduler"].submit(name, forward(name), images)
+            except TaskRemoved:
+                raise RequestError(404, f"task {name!r} was removed while the request waited") from None
             except Exception as error:  # the model's: logged whole, answered in one line
                 log.exception("task %s: the forward pass failed", name)
                 raise RequestError(500, f"the model failed on this batch: {type(error).__name__}: {error}") from None
@@ -334,11 +336,9 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
     @app.post("/v1/admin/reload", summary="Rescan the served paths: add new task folders, reload changed ones")
     async def reload() -> dict:
         async with state["admin"]:
-            before = {name: task for name, task in pool.tasks.items()}
             report = await run_in_threadpool(pool.sync, settings.paths)
-            for name in report["removed"] + report["replaced"]:
-                if before.get(name) is not pool.tasks.get(name):
-                    await drop(name)
+            for name in report["removed"]:  # a replaced task's waiting requests run on its new model
+                drop(name)
             metrics.holding(pool)
         return report
 
@@ -350,7 +350,6 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
                 task = await run_in_threadpool(pool.add, folder, body.name)
             except (SLSError, OSError) as error:
                 raise RequestError(404 if not folder.exists() else 400, f"{folder}: {error}") from None
-            await drop(task.name)
             metrics.holding(pool)
         return task.describe()
 
@@ -360,7 +359,7 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
             if name not in pool.tasks:
                 raise RequestError(404, f"no task named {name!r}")
             pool.remove(name)
-            await drop(name)
+            drop(name)
             metrics.holding(pool)
         return {"removed": name}
 

@@ -1,24 +1,35 @@
-"""Dynamic batching: the requests of one task that arrive within a short window run as one
-forward pass.
+"""Dynamic batching: the requests of one task that are waiting when the model is free run as
+one forward pass.
 
-Each task has a queue and a worker coroutine. The worker takes the first waiting request,
-then gathers more for at most ``max_wait_ms`` or until ``max_batch`` images, and hands the
-batch to the ONE inference thread. That thread runs batches in the order they are handed
-over, and a task hands over its next batch only when its last one is done: so a request
-waits behind at most one batch of each other task, however busy that task is, and a
-single thread means two forward passes never fight over the cores (or the GPU's stream).
-Decoding and answering run outside that thread, on the server's thread pool.
+One scheduler serves every task, with ONE inference thread. Requests queue per task; the
+tasks with waiting requests queue in the order of their oldest request. When the thread
+is free, the scheduler takes the first task in that queue, lets its oldest request wait up
+to ``max_wait_ms`` for company (not at all when the thread was busy for longer, or when
+``max_batch`` images already wait), and runs up to ``max_batch`` of its waiting images in
+one pass; a task with images left goes to the back of the queue. So:
+
+- under load a batch fills with what arrived while the previous one ran (the batch is
+  formed when it can run, not when its first request came);
+- a request waits behind at most one batch of each other task, however busy that task is;
+- two forward passes never fight over the cores (or the GPU's stream).
+
+Decoding and answering run outside the inference thread, on the server's thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+
+class TaskRemoved(LookupError):
+    """The task of a waiting request stopped being served."""
 
 
 @dataclass
@@ -27,90 +38,103 @@ class Pending:
 
     images: torch.Tensor
     done: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
 
 
-class TaskBatcher:
-    """The batching queue of one task.
+class Scheduler:
+    """The batching queues of every task, and the one inference thread they share.
 
     Args:
-        forward: runs a batch ``(n, c, h, w)`` of the task's images, returns a sequence of
-            ``n`` per-image outputs (called on the inference thread).
-        executor: the inference thread, shared by every task.
+        executor: the inference thread (a one-thread executor).
         max_batch: the most images of one forward pass (a larger request runs alone, in
             pieces of this size).
-        max_wait_ms: how long the first request of a batch waits for others.
-        observe: called with (images in the batch, seconds of its forward pass).
+        max_wait_ms: how long the oldest request of a batch waits for others.
+        observe: called with (task, images in the pass, seconds of the pass).
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], list], executor: ThreadPoolExecutor, *, max_batch: int,
-                 max_wait_ms: float, observe: Callable[[int, float], None] | None = None) -> None:  # fmt: skip
-        self.forward, self.executor = forward, executor
-        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
-        self.observe = observe or (lambda size, seconds: None)
-        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
-        self._carried: Pending | None = None
+    def __init__(self, executor: ThreadPoolExecutor, *, max_batch: int, max_wait_ms: float,
+                 observe: Callable[[str, int, float], None] | None = None) -> None:  # fmt: skip
+        self.executor, self.max_batch, self.max_wait = executor, max_batch, max_wait_ms / 1000
+        self.observe = observe or (lambda task, size, seconds: None)
+        self.waiting: dict[str, deque[Pending]] = {}
+        self.forwards: dict[str, Callable[[torch.Tensor], list]] = {}
+        self.order: deque[str] = deque()
+        self._arrival = asyncio.Event()
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, images: torch.Tensor) -> list:
-        """The outputs of ``images`` (one per image), once their batch has run; the batch's
+    async def submit(self, task: str, forward: Callable[[torch.Tensor], list], images: torch.Tensor) -> list:
+        """The outputs of ``images`` (one per image) by ``forward`` (called on the inference
+        thread with a batch of ``task``'s images), once their batch has run; the batch's
         error if it failed."""
         pending = Pending(images, asyncio.get_running_loop().create_future())
-        await self.queue.put(pending)
+        self.forwards[task] = forward
+        self.waiting.setdefault(task, deque()).append(pending)
+        if task not in self.order:
+            self.order.append(task)
+        self._arrival.set()
         return await pending.done
 
+    def forget(self, task: str) -> None:
+        """Fail ``task``'s waiting requests (it is no longer served)."""
+        for pending in self.waiting.pop(task, ()):
+            if not pending.done.done():
+                pending.done.set_exception(TaskRemoved(task))
+        if task in self.order:
+            self.order.remove(task)
+
     async def close(self) -> None:
-        """Stop the worker; requests still queued fail with CancelledError."""
+        """Stop; requests still waiting are cancelled."""
         self._worker.cancel()
-        for pending in [self._carried, *self._drain()]:
-            if pending is not None and not pending.done.done():
+        for queue in self.waiting.values():
+            for pending in queue:
                 pending.done.cancel()
 
-    def _drain(self) -> list[Pending]:
-        drained = []
-        while not self.queue.empty():
-            drained.append(self.queue.get_nowait())
-        return drained
+    def _images_waiting(self, task: str) -> int:
+        return sum(len(p.images) for p in self.waiting.get(task, ()))
 
-    async def _gather(self) -> list[Pending]:
-        first = self._carried or await self.queue.get()
-        self._carried, batch, size = None, [first], len(first.images)
-        deadline = time.monotonic() + self.max_wait
-        while size < self.max_batch:
-            if self.queue.empty():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    pending = await asyncio.wait_for(self.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            else:
-                pending = self.queue.get_nowait()
-            if size + len(pending.images) > self.max_batch:
-                self._carried = pending  # it opens the next batch
+    async def _next_batch(self) -> tuple[str, list[Pending]]:
+        while not self.order:
+            self._arrival.clear()
+            await self._arrival.wait()
+        task = self.order[0]
+        while self._images_waiting(task) < self.max_batch and self.waiting.get(task):
+            remaining = self.waiting[task][0].arrived + self.max_wait - time.monotonic()
+            if remaining <= 0:
                 break
-            batch.append(pending)
-            size += len(pending.images)
-        return batch
+            self._arrival.clear()
+            try:  # woken by any arrival, to see whether the batch is full
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        if not self.order or self.order[0] != task:  # forgotten while it waited
+            return task, []
+        self.order.popleft()
+        queue, batch, size = self.waiting.get(task, deque()), [], 0
+        while queue and (not batch or size + len(queue[0].images) <= self.max_batch):
+            batch.append(queue.popleft())
+            size += len(batch[-1].images)
+        if queue:
+            self.order.append(task)  # the rest waits its turn behind the other tasks
+        return task, [p for p in batch if not p.done.done()]  # a client gone is skipped
 
-    def _run_batch(self, images: torch.Tensor) -> list:
+    def _run_batch(self, task: str, forward: Callable, images: torch.Tensor) -> list:
         outputs = []
         for start in range(0, len(images), self.max_batch):
             piece = images[start : start + self.max_batch]
             began = time.perf_counter()
-            outputs += list(self.forward(piece))
-            self.observe(len(piece), time.perf_counter() - began)
+            outputs += list(forward(piece))
+            self.observe(task, len(piece), time.perf_counter() - began)
         return outputs
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [p for p in await self._gather() if not p.done.cancelled()]  # a client gone is skipped
+            task, batch = await self._next_batch()
             if not batch:
                 continue
+            images = torch.cat([p.images for p in batch])
             try:
-                outputs = await loop.run_in_executor(self.executor, self._run_batch,
-                                                     torch.cat([p.images for p in batch]))  # fmt: skip
+                outputs = await loop.run_in_executor(self.executor, self._run_batch, task, self.forwards[task], images)
             except asyncio.CancelledError:
                 for pending in batch:
                     pending.done.cancel()
