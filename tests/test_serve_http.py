@@ -242,6 +242,15 @@ def test_a_task_folder_added_later_is_served_after_a_reload(server, root, digits
     same = [server.client.post(f"/v1/tasks/{n}/predict", files=_files(digits[:3])).json()["predictions"]
             for n in ("later", "lora3")]  # fmt: skip
     assert same[0] == same[1]
+    record = root / "later" / "record.json"
+    os.utime(record, (record.stat().st_atime, record.stat().st_mtime + 5))  # the task was written again
+    (root / "broken").mkdir()
+    (root / "broken" / "record.json").write_text("{")
+    report = server.client.post("/v1/admin/reload").json()
+    assert report["replaced"] == ["later"] and report["added"] == [] and report["removed"] == []
+    assert [f["folder"] for f in report["failed"]] == [str(root / "broken")]
+    shutil.rmtree(root / "broken")
+    assert server.client.post("/v1/tasks/later/predict", files=_files(digits[:3])).json()["predictions"] == same[1]
     shutil.rmtree(root / "later")
     assert server.client.post("/v1/admin/reload").json()["removed"] == ["later"]
     assert server.client.post("/v1/tasks/later/predict", files=_files(digits[:1])).status_code == 404
