@@ -119,6 +119,23 @@ def test_a_failed_batch_fails_its_requests_only():
     assert len(_run(scenario())) == 1
 
 
+def test_a_batch_that_cannot_be_formed_fails_its_requests_and_the_scheduler_goes_on():
+    async def scenario():
+        log = []
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = Scheduler(executor, max_batch=8, max_wait_ms=100)
+            forward = _recording(log, "a")
+            mixed = await asyncio.gather(scheduler.submit("a", forward, torch.zeros(1, 1, 2, 2)),
+                                         scheduler.submit("a", forward, torch.zeros(1, 1, 3, 3)),
+                                         return_exceptions=True)  # fmt: skip
+            after = await scheduler.submit("a", forward, _images(2))
+            await scheduler.close()
+        return mixed, after
+
+    mixed, after = _run(scenario())
+    assert all(isinstance(error, RuntimeError) for error in mixed) and len(after) == 2
+
+
 def test_a_model_error_is_a_500_logged_and_the_next_request_is_served(served_tasks, caplog):
     from fastapi.testclient import TestClient
 

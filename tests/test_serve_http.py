@@ -195,6 +195,8 @@ BAD = {
     "an empty JSON body": (400, dict(content=b"", headers={"content-type": "application/json"})),
     "a malformed JSON body": (400, dict(content=b'{"images": [', headers={"content-type": "application/json"})),
     "JSON of the wrong shape": (422, dict(json={"pictures": []})),
+    "JSON that is not UTF-8": (400, dict(content=b"\xff\xfe\xff", headers={"content-type": "application/json"})),
+    "JSON nested too deep": (400, dict(content=b"[" * 100_000, headers={"content-type": "application/json"})),
     "base64 that is not": (400, dict(json={"images": ["***"]})),
     "an oversized body": (413, dict(content=b"\0" * (2 << 20), headers={"content-type": "image/png"})),
     "an oversized body without a length": (413, dict(content=_chunked(2 << 20), headers={"content-type": "image/png"})),

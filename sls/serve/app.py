@@ -28,6 +28,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,8 +43,8 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from sls.data.files import ImageTooLarge, read_image
-from sls.errors import ConfigError, DataError, SLSError
-from sls.serve.batching import Scheduler, TaskRemoved
+from sls.errors import ConfigError, DataError
+from sls.serve.batching import Scheduler
 from sls.serve.metrics import UNKNOWN_TASK, Metrics
 from sls.serve.pool import ServedTask, TaskPool
 
@@ -163,9 +164,11 @@ async def _read_upload(request: Request, settings: ServeSettings) -> tuple[list[
         if not body.strip():
             raise RequestError(400, 'the body is empty; send {"images": ["<base64>", ...]}')
         try:
-            payload = JsonImages.model_validate(json.loads(body))
-        except json.JSONDecodeError as error:
-            raise RequestError(400, f"malformed JSON body: {error}") from None
+            parsed = json.loads(body)
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+            raise RequestError(400, f"malformed JSON body: {type(error).__name__}: {error}") from None
+        try:
+            payload = JsonImages.model_validate(parsed)
         except ValidationError as error:
             raise RequestError(422, f"JSON body: {_one_line_validation(error)}") from None
         files = []
@@ -256,7 +259,7 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
     async def lifespan(app: FastAPI):
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sls-inference")
         state["scheduler"] = Scheduler(executor, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                                       observe=metrics.batch)  # fmt: skip
+                                       observe=lambda key, size, seconds: metrics.batch(key[0], size, seconds))  # fmt: skip
         state["admin"] = asyncio.Lock()
         metrics.holding(pool)
         yield
@@ -278,17 +281,6 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError) -> JSONResponse:
         return error_response(error.status, error.message)
-
-    def forward(name: str):
-        def run(images: torch.Tensor):
-            if name not in pool.tasks:  # removed while its requests waited
-                raise TaskRemoved(name)
-            return pool.forward(name, images)
-
-        return run
-
-    def drop(name: str) -> None:
-        state["scheduler"].forget(name)
 
     @app.get("/healthz", summary="Liveness: the server answers and how many tasks it holds")
     async def healthz() -> dict:
@@ -316,10 +308,8 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
             if len(files) > settings.max_images:
                 raise RequestError(413, f"{len(files)} images, over the limit of {settings.max_images} (--max-images)")
             images, sizes = await run_in_threadpool(_decode, task, files, settings.max_pixels)
-            try:
-                outputs = await state["scheduler"].submit(name, forward(name), images)
-            except TaskRemoved:
-                raise RequestError(404, f"task {name!r} was removed while the request waited") from None
+            try:  # batched with the requests for this version of the task: a reload never mixes two
+                outputs = await state["scheduler"].submit((name, id(task)), partial(pool.forward, task), images)
             except Exception as error:  # the model's: logged whole, answered in one line
                 log.exception("task %s: the forward pass failed", name)
                 raise RequestError(500, f"the model failed on this batch: {type(error).__name__}: {error}") from None
@@ -330,6 +320,9 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
         except RequestError as error:
             status = error.status
             return error_response(error.status, error.message)
+        except BaseException:
+            status = 500
+            raise
         finally:
             metrics.answered(name if task is not None else UNKNOWN_TASK, status, time.perf_counter() - began)
 
@@ -337,9 +330,7 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
     async def reload() -> dict:
         async with state["admin"]:
             report = await run_in_threadpool(pool.sync, settings.paths)
-            for name in report["removed"]:  # a replaced task's waiting requests run on its new model
-                drop(name)
-            metrics.holding(pool)
+            metrics.holding(pool)  # a removed or replaced task's waiting requests run on the model they came for
         return report
 
     @app.post("/v1/admin/tasks", summary="Serve one more task folder")
@@ -348,7 +339,7 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
         async with state["admin"]:
             try:
                 task = await run_in_threadpool(pool.add, folder, body.name)
-            except (SLSError, OSError) as error:
+            except Exception as error:  # noqa: BLE001 - a folder that does not load is the caller's to fix
                 raise RequestError(404 if not folder.exists() else 400, f"{folder}: {error}") from None
             metrics.holding(pool)
         return task.describe()
@@ -359,7 +350,6 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
             if name not in pool.tasks:
                 raise RequestError(404, f"no task named {name!r}")
             pool.remove(name)
-            drop(name)
             metrics.holding(pool)
         return {"removed": name}
 

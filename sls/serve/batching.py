@@ -21,15 +21,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-
-
-class TaskRemoved(LookupError):
-    """The task of a waiting request stopped being served."""
 
 
 @dataclass
@@ -53,19 +49,19 @@ class Scheduler:
     """
 
     def __init__(self, executor: ThreadPoolExecutor, *, max_batch: int, max_wait_ms: float,
-                 observe: Callable[[str, int, float], None] | None = None) -> None:  # fmt: skip
+                 observe: Callable[[Hashable, int, float], None] | None = None) -> None:  # fmt: skip
         self.executor, self.max_batch, self.max_wait = executor, max_batch, max_wait_ms / 1000
         self.observe = observe or (lambda task, size, seconds: None)
-        self.waiting: dict[str, deque[Pending]] = {}
-        self.forwards: dict[str, Callable[[torch.Tensor], list]] = {}
-        self.order: deque[str] = deque()
+        self.waiting: dict[Hashable, deque[Pending]] = {}
+        self.forwards: dict[Hashable, Callable[[torch.Tensor], list]] = {}
+        self.order: deque[Hashable] = deque()
         self._arrival = asyncio.Event()
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, task: str, forward: Callable[[torch.Tensor], list], images: torch.Tensor) -> list:
+    async def submit(self, task: Hashable, forward: Callable[[torch.Tensor], list], images: torch.Tensor) -> list:
         """The outputs of ``images`` (one per image) by ``forward`` (called on the inference
         thread with a batch of ``task``'s images), once their batch has run; the batch's
-        error if it failed."""
+        error if it failed. Requests batch together only under the same ``task`` key."""
         pending = Pending(images, asyncio.get_running_loop().create_future())
         self.forwards[task] = forward
         self.waiting.setdefault(task, deque()).append(pending)
@@ -74,14 +70,6 @@ class Scheduler:
         self._arrival.set()
         return await pending.done
 
-    def forget(self, task: str) -> None:
-        """Fail ``task``'s waiting requests (it is no longer served)."""
-        for pending in self.waiting.pop(task, ()):
-            if not pending.done.done():
-                pending.done.set_exception(TaskRemoved(task))
-        if task in self.order:
-            self.order.remove(task)
-
     async def close(self) -> None:
         """Stop; requests still waiting are cancelled."""
         self._worker.cancel()
@@ -89,10 +77,10 @@ class Scheduler:
             for pending in queue:
                 pending.done.cancel()
 
-    def _images_waiting(self, task: str) -> int:
+    def _images_waiting(self, task: Hashable) -> int:
         return sum(len(p.images) for p in self.waiting.get(task, ()))
 
-    async def _next_batch(self) -> tuple[str, list[Pending]]:
+    async def _next_batch(self) -> tuple[Hashable, list[Pending]]:
         while not self.order:
             self._arrival.clear()
             await self._arrival.wait()
@@ -117,7 +105,7 @@ class Scheduler:
             self.order.append(task)  # the rest waits its turn behind the other tasks
         return task, [p for p in batch if not p.done.done()]  # a client gone is skipped
 
-    def _run_batch(self, task: str, forward: Callable, images: torch.Tensor) -> list:
+    def _run_batch(self, task: Hashable, forward: Callable, images: torch.Tensor) -> list:
         outputs = []
         for start in range(0, len(images), self.max_batch):
             piece = images[start : start + self.max_batch]
@@ -132,8 +120,8 @@ class Scheduler:
             task, batch = await self._next_batch()
             if not batch:
                 continue
-            images = torch.cat([p.images for p in batch])
             try:
+                images = torch.cat([p.images for p in batch])
                 outputs = await loop.run_in_executor(self.executor, self._run_batch, task, self.forwards[task], images)
             except asyncio.CancelledError:
                 for pending in batch:

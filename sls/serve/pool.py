@@ -30,7 +30,7 @@ from sls.backbones import BackboneInfo, create_backbone, shared_copy, truncate
 from sls.data import make_transform
 from sls.data.files import to_rgb
 from sls.data.store import ModelTransform
-from sls.errors import SLSError, TaskRecordError
+from sls.errors import TaskRecordError
 from sls.petl import petl_from_record, trainable_state
 from sls.record import RECORD_FILE, TaskRecord, read_record
 from sls.runtime import Runtime
@@ -195,16 +195,17 @@ class TaskPool:
                 elif (folder / RECORD_FILE).stat().st_mtime != self.tasks[name].loaded_from:
                     self.add(folder, name)
                     report["replaced"].append(name)
-            except (SLSError, OSError) as error:
+            except Exception as error:  # noqa: BLE001 - reported per folder; the others load
                 report["failed"].append({"folder": str(folder), "error": " ".join(str(error).split())})
         return report
 
     @torch.inference_mode()
-    def forward(self, name: str, images: torch.Tensor):
-        """Task ``name``'s output for a batch of preprocessed ``images``, on the CPU: class
-        probabilities ``(n, classes)`` (float32), segmentation logits ``(n, classes, h, w)``,
-        or one dict of boxes, labels and scores per image."""
-        task = self.tasks[name]
+    def forward(self, name: str | ServedTask, images: torch.Tensor):
+        """Task ``name``'s output (or that of a task object, served or since replaced) for a
+        batch of preprocessed ``images``, on the CPU: class probabilities ``(n, classes)``
+        (float32), segmentation logits ``(n, classes, h, w)``, or one dict of boxes, labels
+        and scores per image."""
+        task = name if isinstance(name, ServedTask) else self.tasks[name]
         device = next(task.model.parameters()).device
         with self.runtime.autocast(device):
             out = task.model(self.runtime.inputs(images, device))
