@@ -16,6 +16,7 @@ Against it, in one run:
 - the same N tasks as separate merged models (``deployable_model(load_task(...))``, what a
   user of width pruning or of one model per task must hold), loaded in a child process with
   one forward pass each: its VmRSS and VmHWM;
+- the same load with ``--per-task-batches`` (each pass one task's images only);
 - ``sls predict``'s batch throughput: ``load_task``'s model through ``sls.export.predict``
   on batches of ``--max-batch`` preprocessed images, in this process (no HTTP, no decoding).
 
@@ -144,13 +145,13 @@ async def load(port: int, names: list[str], images: list[bytes], *, clients: int
             **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)}}  # fmt: skip
 
 
-def serve_and_load(folders: list[Path], images: list[bytes], args) -> dict:
+def serve_and_load(folders: list[Path], images: list[bytes], args, *options: str) -> dict:
     import httpx
 
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "sls.cli", "serve", *map(str, folders), "--port", str(port),
                                "--log-level", "warning", "--max-batch", str(args.max_batch), "--max-wait-ms",
-                               str(args.max_wait_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                               str(args.max_wait_ms), *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -174,12 +175,17 @@ def serve_and_load(folders: list[Path], images: list[bytes], args) -> dict:
             "rss_loaded_mb": loaded["VmRSS"],
             **{f"{k.lower()}_mb": v for k, v in _memory_mb(server.pid).items()},
         }
-        counts = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("sls_batch_images_count")]
-        sums = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("sls_batch_images_sum")]
-        figures["mean_batch"] = round(sum(sums) / max(sum(counts), 1), 1)
-        busy = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("sls_batch_seconds_sum")]
-        figures["forward_img_per_s"] = round(sum(sums) / max(sum(busy), 1e-9), 1)  # while the model ran
-        figures["model_busy"] = round(sum(busy) / figures["seconds"], 2)  # warm-up included: about
+        value = {
+            line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("sls_pass_")
+        }
+        passes, images, busy = (
+            value["sls_pass_images_count"],
+            value["sls_pass_images_sum"],
+            value["sls_pass_seconds_sum"],
+        )
+        figures["mean_batch"] = round(images / max(passes, 1), 1)
+        figures["forward_img_per_s"] = round(images / max(busy, 1e-9), 1)  # while the model ran
+        figures["model_busy"] = round(busy / figures["seconds"], 2)  # warm-up included: about
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -269,8 +275,9 @@ def main() -> None:
         rows = []
         for n in counts:
             served = serve_and_load(folders[:n], images, args)
+            apart = serve_and_load(folders[:n], images, args, "--per-task-batches") if n > 1 else None
             separate = separate_models(folders[:n], img_size)
-            rows.append({"tasks": n, "served": served, "separate": separate})
+            rows.append({"tasks": n, "served": served, "per_task_batches": apart, "separate": separate})
             print(f"{n:>2} task(s): {served['requests_per_s']:.1f} req/s ({served['requests_per_s'] / reference:.2f}x "
                   f"sls predict), p50 {served['p50_ms']:.0f} / p95 {served['p95_ms']:.0f} / p99 {served['p99_ms']:.0f} "
                   f"ms, mean batch {served['mean_batch']}, forward {served['forward_img_per_s']:.0f} img/s, model busy "
@@ -278,6 +285,10 @@ def main() -> None:
                   f"{served['server_cpu_ms_per_request']}, client {served['client_cpu_ms_per_request']}; server RSS "
                   f"{served['vmrss_mb']:.0f} MB (peak {served['vmhwm_mb']:.0f}); separate merged models "
                   f"{separate['vmrss_mb']:.0f} MB (peak {separate['vmhwm_mb']:.0f})", flush=True)  # fmt: skip
+            if apart is not None:
+                print(f"   batched per task (--per-task-batches): {apart['requests_per_s']:.1f} req/s "
+                      f"({apart['requests_per_s'] / reference:.2f}x), p50 {apart['p50_ms']:.0f} / p99 "
+                      f"{apart['p99_ms']:.0f} ms, mean batch {apart['mean_batch']}", flush=True)  # fmt: skip
         one = rows[0]["served"]["vmrss_mb"]
         for row in rows[1:]:
             print(f"{row['tasks']} tasks served / 1: {row['served']['vmrss_mb'] / one:.2f}x the memory "

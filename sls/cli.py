@@ -459,7 +459,7 @@ def _serve(args: argparse.Namespace) -> int:
                              max_images=args.max_images, max_pixels=args.max_pixels,
                              token=args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None)  # fmt: skip
     runtime = Runtime.from_options(args.device or "auto", bool(args.amp), bool(args.channels_last))
-    serve(args.tasks, host=args.host, port=args.port, settings=settings, pool=TaskPool(runtime),
+    serve(args.tasks, host=args.host, port=args.port, settings=settings, pool=TaskPool(runtime, mux=not args.per_task_batches),
           log_level=args.log_level)  # fmt: skip
     return 0
 
@@ -667,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(default: %(default)s)")  # fmt: skip
     serve.add_argument("--max-pixels", type=int, default=40_000_000,
                        help="the most pixels of one image, refused before decoding (default: %(default)s)")
+    serve.add_argument("--per-task-batches", action="store_true",
+                       help="run each forward pass on one task's images only (default: the tasks of one backbone "
+                            "and PETL structure share passes)")  # fmt: skip
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                        help="uvicorn's log level (default: %(default)s)")
     add_config_options(serve, ("device", "amp", "channels_last"))

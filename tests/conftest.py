@@ -55,8 +55,8 @@ def striped_arrays(n_per_class: int = 40, size: int = 16, seed: int = 0) -> Imag
 
 @pytest.fixture(scope="session")
 def served_tasks(tmp_path_factory):
-    """Pruned task folders over ONE random test_vit: three classifiers of digits (LoRA k=3,
-    adapter k=2, RepAdapter k=5) at 32 px, and a segmentation (k=3) and a detection task
+    """Pruned task folders over ONE random test_vit: four classifiers of digits (LoRA k=3,
+    LoRA k=5, adapter k=2, RepAdapter k=5) at 32 px, and a segmentation (k=3) and a detection task
     (k=2) of tiny scenes at 64 px (another input size, so a second backbone)."""
     from helpers import tiny_scenes
 
@@ -69,7 +69,8 @@ def served_tasks(tmp_path_factory):
     digits = dict(data="digits", img_size=32, train_samples=200, test_samples=60, analysis_samples=None, epochs=2,
                   retrain_epochs=1, lr=3e-2, batch_size=32)  # fmt: skip
     scenes = dict(data="tiny-scenes", img_size=64, epochs=1, retrain_epochs=1, lr=3e-3, batch_size=4)
-    made = {"lora3": dict(digits, petl="lora", depth=3), "adapter2": dict(digits, petl="adapter", depth=2),
+    made = {"lora3": dict(digits, petl="lora", depth=3), "lora5": dict(digits, petl="lora", depth=5, seed=2),
+            "adapter2": dict(digits, petl="adapter", depth=2),
             "repadapter5": dict(digits, petl="repadapter", depth=5, seed=1),
             "seg3": dict(scenes, task="segmentation", depth=3), "det2": dict(scenes, task="detection", depth=2)}  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:

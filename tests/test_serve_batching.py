@@ -16,7 +16,7 @@ from sls.serve.batching import Scheduler
 
 
 def _recording(log, name, seconds=0.0):
-    def forward(images):
+    def forward(images, tags):
         log.append((name, len(images)))
         time.sleep(seconds)
         return [row.sum() for row in images]
@@ -45,6 +45,23 @@ def test_requests_within_the_window_run_as_one_batch_and_get_their_own_rows():
     log, answers = _run(scenario())
     assert log == [("a", 6)]  # one forward pass for the three requests
     assert [[float(x) for x in rows] for rows in answers] == [[4.0], [8.0, 8.0], [12.0, 12.0, 12.0]]
+
+
+def test_the_forward_function_gets_each_rows_tag():
+    async def scenario():
+        seen = []
+
+        def forward(images, tags):
+            seen.append(list(tags))
+            return list(images)
+
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = Scheduler(executor, max_batch=16, max_wait_ms=200)
+            await asyncio.gather(*(scheduler.submit("group", forward, _images(n), tag=f"t{n}") for n in (1, 2, 3)))
+            await scheduler.close()
+        return seen
+
+    assert _run(scenario()) == [["t1", "t2", "t2", "t3", "t3", "t3"]]
 
 
 def test_max_batch_is_kept_and_a_larger_request_runs_in_pieces():
@@ -102,7 +119,7 @@ def test_a_failed_batch_fails_its_requests_only():
     async def scenario():
         calls = []
 
-        def forward(images):
+        def forward(images, tags):
             calls.append(len(images))
             if len(calls) == 1:
                 raise RuntimeError("boom")
@@ -134,6 +151,30 @@ def test_a_batch_that_cannot_be_formed_fails_its_requests_and_the_scheduler_goes
 
     mixed, after = _run(scenario())
     assert all(isinstance(error, RuntimeError) for error in mixed) and len(after) == 2
+
+
+def test_a_fault_of_the_scheduler_itself_fails_the_waiting_requests_and_it_goes_on():
+    async def scenario():
+        with ThreadPoolExecutor(1) as executor:
+            scheduler = Scheduler(executor, max_batch=8, max_wait_ms=0)
+            original, calls = scheduler._next_batch, []
+
+            async def faulty():  # the worker's first look for a batch fails, once a request waits
+                calls.append(1)
+                if len(calls) == 1:
+                    while not any(scheduler.waiting.values()):
+                        await asyncio.sleep(0.001)
+                    raise KeyError("a bug")
+                return await original()
+
+            scheduler._next_batch = faulty
+            with pytest.raises(KeyError):
+                await asyncio.wait_for(scheduler.submit("a", lambda images, tags: list(images), _images(1)), 5)
+            after = await asyncio.wait_for(scheduler.submit("a", lambda images, tags: list(images), _images(2)), 5)
+            await scheduler.close()
+        return after
+
+    assert len(_run(scenario())) == 2
 
 
 def test_a_model_error_is_a_500_logged_and_the_next_request_is_served(served_tasks, caplog):

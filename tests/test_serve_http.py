@@ -24,7 +24,7 @@ from sls.cli import main
 from sls.data import load_dataset, make_transform
 from sls.experiment import load_task
 
-CLASSIFIERS = ("lora3", "adapter2", "repadapter5")
+CLASSIFIERS = ("lora3", "lora5", "adapter2", "repadapter5")  # the two LoRA tasks share passes
 
 
 def _free_port() -> int:
@@ -226,13 +226,13 @@ def test_an_unknown_task_is_a_404(server, digits):
 
 def test_the_task_list_says_what_each_task_is(server, root):
     listed = {t["name"]: t for t in server.client.get("/v1/tasks").json()["tasks"]}
-    assert set(listed) == {"lora3", "adapter2", "repadapter5", "seg3", "det2"}
+    assert set(listed) == {"lora3", "lora5", "adapter2", "repadapter5", "seg3", "det2"}
     for name, task in listed.items():
         record = json.loads((root / name / "record.json").read_text())
         assert task["k"] == record["depth"] and task["backbone"] == "test_vit"
         assert task["storage_bytes"] == (root / name / record["files"]["task"]["file"]).stat().st_size
     assert listed["seg3"]["type"] == "segmentation" and listed["det2"]["classes"] == ["a", "b", "c"]
-    assert server.client.get("/healthz").json() == {"status": "ok", "tasks": 5, "backbones": 2}
+    assert server.client.get("/healthz").json() == {"status": "ok", "tasks": 6, "backbones": 2}
     assert "/v1/tasks/{name}/predict" in server.client.get("/openapi.json").json()["paths"]
 
 

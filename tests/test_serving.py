@@ -96,3 +96,27 @@ def test_task_folders_are_found_in_a_folder_of_tasks(served_tasks, tmp_path):
     assert task_folders([served_tasks["seg3"]]) == [served_tasks["seg3"]]
     with pytest.raises(TaskRecordError, match="no such task folder"):
         task_folders([tmp_path / "missing"])
+
+
+def test_tasks_of_one_backbone_and_petl_structure_share_one_pass(served_tasks, tmp_path):
+    import shutil
+
+    from sls.serve.mux import MuxGroup
+
+    shutil.copytree(served_tasks["lora3"], tmp_path / "lora3b")
+    pool = TaskPool()
+    for name in ("lora3", "lora5", "adapter2"):
+        pool.add(served_tasks[name], name)
+    pool.add(tmp_path / "lora3b")
+    signatures = {name: MuxGroup.signature(task) for name, task in pool.tasks.items()}
+    assert signatures["lora3"] == signatures["lora5"] == signatures["lora3b"] != signatures["adapter2"]
+    members = ["lora3", "lora5", "lora3b"]
+    group = MuxGroup(next(iter(pool.backbones.values()))[0], [pool.tasks[n] for n in members], pool.runtime)
+    images = torch.stack([pool.tasks["lora3"].transform(image) for image in _images(9)])
+    owners = [0, 1, 2, 1, 0, 0, 2, 1, 1]  # interleaved, as requests arrive
+    mixed = group.forward(images, owners)
+    for row, owner in enumerate(owners):
+        alone = pool.forward(members[owner], images[row : row + 1])[0]
+        torch.testing.assert_close(mixed[row], alone, rtol=0, atol=1e-6)
+    # lora3b is lora3's folder: the same answers, by two separately loaded tasks.
+    torch.testing.assert_close(mixed[0], group.forward(images[:1], [2])[0], rtol=0, atol=1e-6)

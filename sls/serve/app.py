@@ -26,9 +26,9 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -214,6 +214,23 @@ def _answers(task: ServedTask, outputs: list, sizes: list, files: list, top_k: i
     return answers
 
 
+def _batching(pool: TaskPool, task: ServedTask) -> tuple:
+    """The scheduler's key, forward function and tag of a request for ``task``: its group's
+    (requests of every member share a pass) or its own. Keys hold the task or group object
+    they were made with, so a reload never puts two versions of a task in one pass."""
+    placed = pool.placement.get(task.name)
+    if placed is not None and placed[0].tasks[placed[1]] is task:
+        group, member = placed
+        return ("group", group), group.forward, member
+    return ("task", task), lambda images, tags: pool.forward(task, images), None
+
+
+def _images_per_task(key: tuple, tags: list) -> dict[str, int]:
+    if key[0] == "group":
+        return {key[1].tasks[member].name: count for member, count in Counter(tags).items()}
+    return {key[1].name: len(tags)}
+
+
 class Guard:
     """ASGI middleware: the token on every call, and the body limit before and while the
     body is read (a missing or lying Content-Length is counted, not trusted)."""
@@ -259,7 +276,8 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
     async def lifespan(app: FastAPI):
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sls-inference")
         state["scheduler"] = Scheduler(executor, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                                       observe=lambda key, size, seconds: metrics.batch(key[0], size, seconds))  # fmt: skip
+                                       observe=lambda key, tags, seconds: metrics.forward_pass(
+                                           _images_per_task(key, tags), seconds))  # fmt: skip
         state["admin"] = asyncio.Lock()
         metrics.holding(pool)
         yield
@@ -308,8 +326,9 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
             if len(files) > settings.max_images:
                 raise RequestError(413, f"{len(files)} images, over the limit of {settings.max_images} (--max-images)")
             images, sizes = await run_in_threadpool(_decode, task, files, settings.max_pixels)
-            try:  # batched with the requests for this version of the task: a reload never mixes two
-                outputs = await state["scheduler"].submit((name, id(task)), partial(pool.forward, task), images)
+            try:
+                key, run, tag = _batching(pool, task)
+                outputs = await state["scheduler"].submit(key, run, images, tag)
             except Exception as error:  # the model's: logged whole, answered in one line
                 log.exception("task %s: the forward pass failed", name)
                 raise RequestError(500, f"the model failed on this batch: {type(error).__name__}: {error}") from None

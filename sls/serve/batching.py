@@ -34,6 +34,7 @@ class Pending:
 
     images: torch.Tensor
     done: asyncio.Future
+    tag: Hashable = None
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -45,24 +46,26 @@ class Scheduler:
         max_batch: the most images of one forward pass (a larger request runs alone, in
             pieces of this size).
         max_wait_ms: how long the oldest request of a batch waits for others.
-        observe: called with (task, images in the pass, seconds of the pass).
+        observe: called with (task key, the tag of each row of the pass, seconds of the pass).
     """
 
     def __init__(self, executor: ThreadPoolExecutor, *, max_batch: int, max_wait_ms: float,
-                 observe: Callable[[Hashable, int, float], None] | None = None) -> None:  # fmt: skip
+                 observe: Callable[[Hashable, list, float], None] | None = None) -> None:  # fmt: skip
         self.executor, self.max_batch, self.max_wait = executor, max_batch, max_wait_ms / 1000
-        self.observe = observe or (lambda task, size, seconds: None)
+        self.observe = observe or (lambda task, tags, seconds: None)
         self.waiting: dict[Hashable, deque[Pending]] = {}
-        self.forwards: dict[Hashable, Callable[[torch.Tensor], list]] = {}
+        self.forwards: dict[Hashable, Callable[[torch.Tensor, list], list]] = {}
         self.order: deque[Hashable] = deque()
         self._arrival = asyncio.Event()
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, task: Hashable, forward: Callable[[torch.Tensor], list], images: torch.Tensor) -> list:
-        """The outputs of ``images`` (one per image) by ``forward`` (called on the inference
-        thread with a batch of ``task``'s images), once their batch has run; the batch's
-        error if it failed. Requests batch together only under the same ``task`` key."""
-        pending = Pending(images, asyncio.get_running_loop().create_future())
+    async def submit(self, task: Hashable, forward: Callable[[torch.Tensor, list], list], images: torch.Tensor,
+                     tag: Hashable = None) -> list:  # fmt: skip
+        """The outputs of ``images`` (one per image) by ``forward``, once their batch has run;
+        the batch's error if it failed. Requests batch together only under the same ``task``
+        key; ``forward(images, tags)`` runs on the inference thread with a batch and the
+        ``tag`` of each of its rows' requests (a group of tasks' pass tells them apart so)."""
+        pending = Pending(images, asyncio.get_running_loop().create_future(), tag)
         self.forwards[task] = forward
         self.waiting.setdefault(task, deque()).append(pending)
         if task not in self.order:
@@ -105,35 +108,50 @@ class Scheduler:
             self.order.append(task)  # the rest waits its turn behind the other tasks
         return task, [p for p in batch if not p.done.done()]  # a client gone is skipped
 
-    def _run_batch(self, task: Hashable, forward: Callable, images: torch.Tensor) -> list:
+    def _run_batch(self, task: Hashable, forward: Callable, images: torch.Tensor, tags: list) -> list:
         outputs = []
         for start in range(0, len(images), self.max_batch):
-            piece = images[start : start + self.max_batch]
+            piece, piece_tags = images[start : start + self.max_batch], tags[start : start + self.max_batch]
             began = time.perf_counter()
-            outputs += list(forward(piece))
-            self.observe(task, len(piece), time.perf_counter() - began)
+            outputs += list(forward(piece, piece_tags))
+            self.observe(task, piece_tags, time.perf_counter() - began)
         return outputs
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            task, batch = await self._next_batch()
-            if not batch:
-                continue
             try:
-                images = torch.cat([p.images for p in batch])
-                outputs = await loop.run_in_executor(self.executor, self._run_batch, task, self.forwards[task], images)
+                await self._run_once()
             except asyncio.CancelledError:
-                for pending in batch:
-                    pending.done.cancel()
                 raise
-            except Exception as error:  # noqa: BLE001 - every request of the batch gets the model's error
-                for pending in batch:
-                    if not pending.done.done():
-                        pending.done.set_exception(error)
-                continue
-            start = 0
+            except Exception as error:  # noqa: BLE001 - a fault of the scheduler itself: fail what waits, never hang
+                for queue in self.waiting.values():
+                    while queue:
+                        pending = queue.popleft()
+                        if not pending.done.done():
+                            pending.done.set_exception(error)
+                self.order.clear()
+
+    async def _run_once(self) -> None:
+        """Run the next batch and answer its requests."""
+        task, batch = await self._next_batch()
+        if not batch:
+            return
+        try:
+            images = torch.cat([p.images for p in batch])
+            tags = [p.tag for p in batch for _ in range(len(p.images))]
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._run_batch, task, self.forwards[task], images, tags)  # fmt: skip
+        except asyncio.CancelledError:
+            for pending in batch:
+                pending.done.cancel()
+            raise
+        except Exception as error:  # noqa: BLE001 - every request of the batch gets the model's error
             for pending in batch:
                 if not pending.done.done():
-                    pending.done.set_result(outputs[start : start + len(pending.images)])
-                start += len(pending.images)
+                    pending.done.set_exception(error)
+            return
+        start = 0
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_result(outputs[start : start + len(pending.images)])
+            start += len(pending.images)

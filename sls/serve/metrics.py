@@ -24,11 +24,13 @@ class Metrics:
         self.latency = Histogram("sls_request_seconds", "Latency of answered (2xx) predict requests, from the first byte read to the answer",
                                  ["task"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                                  **common)  # fmt: skip
-        self.batch_images = Histogram("sls_batch_images", "Images per forward pass", ["task"],
+        self.batch_images = Histogram("sls_batch_images", "A task's images per forward pass", ["task"],
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), **common)  # fmt: skip
-        self.batch_seconds = Histogram("sls_batch_seconds", "Seconds of one forward pass", ["task"],
-                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-                                       **common)  # fmt: skip
+        self.pass_images = Histogram("sls_pass_images", "Images per forward pass, every task's together",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), **common)  # fmt: skip
+        self.pass_seconds = Histogram("sls_pass_seconds", "Seconds of one forward pass",
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                      **common)  # fmt: skip
         self.tasks = Gauge("sls_tasks", "Tasks served", **common)
         self.shared_bytes = Gauge("sls_shared_backbone_bytes", "Bytes of the shared backbones' tensors", **common)
         self.task_bytes = Gauge("sls_task_bytes", "Bytes of a task's own tensors (PETL modules, head)", ["task"],
@@ -41,9 +43,12 @@ class Metrics:
         else:
             self.latency.labels(task).observe(seconds)
 
-    def batch(self, task: str, images: int, seconds: float) -> None:
-        self.batch_images.labels(task).observe(images)
-        self.batch_seconds.labels(task).observe(seconds)
+    def forward_pass(self, images_per_task: dict[str, int], seconds: float) -> None:
+        """One forward pass: how many images of each task it ran, and how long it took."""
+        for task, images in images_per_task.items():
+            self.batch_images.labels(task).observe(images)
+        self.pass_images.observe(sum(images_per_task.values()))
+        self.pass_seconds.observe(seconds)
 
     def holding(self, pool) -> None:
         """Set the gauges from what ``pool`` holds now."""

@@ -34,11 +34,12 @@ from sls.errors import TaskRecordError
 from sls.petl import petl_from_record, trainable_state
 from sls.record import RECORD_FILE, TaskRecord, read_record
 from sls.runtime import Runtime
+from sls.serve.mux import MuxGroup
 from sls.tasks import TaskType, get_task
 from sls.tasks.render import box_entries, boxes_of, mask_of, present_classes
 
 
-@dataclass
+@dataclass(eq=False)  # a task is itself (hashed by identity): the scheduler keys batches on it
 class ServedTask:
     """One task in the pool: its model over the shared backbone, and how to feed it."""
 
@@ -52,6 +53,8 @@ class ServedTask:
     task_type: TaskType
     loaded_from: float = 0.0
     """The record's modification time when it was loaded (a reload replaces a changed task)."""
+    signature: tuple | None = None
+    """What it shares with the tasks it can be batched with (:meth:`MuxGroup.signature`)."""
 
     @property
     def img_size(self) -> int:
@@ -107,9 +110,32 @@ class TaskPool:
     """
 
     runtime: Runtime = field(default_factory=Runtime)
+    mux: bool = True
+    """Batch the requests of tasks of one backbone and PETL structure in one pass (:mod:`sls.serve.mux`)."""
     tasks: dict[str, ServedTask] = field(default_factory=dict)
     backbones: dict[tuple, tuple[nn.Module, BackboneInfo]] = field(default_factory=dict)
+    placement: dict[str, tuple[MuxGroup, int]] = field(default_factory=dict)
+    """Each task batched with others: its group and its index in it (replaced whole on a change)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _regroup(self) -> None:
+        """Rebuild the groups whose members changed (called under the lock)."""
+        if not self.mux:
+            return
+        by_signature: dict[tuple, list[ServedTask]] = {}
+        for task in self.tasks.values():
+            if task.signature is not None:
+                by_signature.setdefault(task.signature, []).append(task)
+        current = {id(group): group for group, _ in self.placement.values()}
+        placement = {}
+        for members in by_signature.values():
+            if len(members) < 2:
+                continue
+            group = next((g for g in current.values() if [id(t) for t in g.tasks] == [id(t) for t in members]), None)
+            if group is None:
+                group = MuxGroup(self.backbones[members[0].backbone_key][0], members, self.runtime)
+            placement |= {task.name: (group, index) for index, task in enumerate(members)}
+        self.placement = placement
 
     def add(self, folder: str | Path, name: str | None = None) -> ServedTask:
         """Load the task folder ``folder`` (pruned; the retrained tensors when it has them)
@@ -154,8 +180,10 @@ class TaskPool:
         task = ServedTask(name or folder.name, folder, record, model, transform,
                           record.classes or [str(c) for c in range(record.num_classes)], key, task_type,
                           loaded_from)  # fmt: skip
+        task.signature = MuxGroup.signature(task) if self.mux else None
         with self._lock:
             self.tasks[task.name] = task
+            self._regroup()
         return task
 
     def remove(self, name: str) -> None:
@@ -164,6 +192,7 @@ class TaskPool:
             task = self.tasks.pop(name)
             if not any(t.backbone_key == task.backbone_key for t in self.tasks.values()):
                 del self.backbones[task.backbone_key]
+            self._regroup()
 
     def sync(self, paths: list[str | Path]) -> dict[str, list]:
         """Bring the pool in line with the task folders under ``paths`` (see

@@ -1,0 +1,156 @@
+"""One forward pass for the requests of several tasks over their shared backbone.
+
+Tasks batched apart make small batches: 32 clients over 16 tasks leave about two images
+per task and pass. But the tasks of one backbone differ only in their own modules (PETL
+modules, head) and their k, so their images can share a pass, as S-LoRA batches the
+requests of many LoRA adapters of one language model. A :class:`MuxGroup` is one copy of
+the backbone (every tensor shared) in which each of the tasks' own modules (the smallest
+called module whose parameters are all a task's: a LoRA factor, an adapter, a RepAdapter
+branch)
+is a :class:`Mux` that runs each task's own module on that task's rows only. Everything
+else, the patch embedding, the qkv / proj / MLP matmuls, attention and norms, runs once
+over the whole mixed batch. Rows are sorted deepest k first; after block i the rows of
+the tasks with k = i leave the pass; each task's own norm and head finish its rows.
+
+Groups are built for classification ViTs whose tasks have the same own modules (one
+PETL method with the same structure); other tasks are batched per task.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sls.backbones import shared_copy, truncate, vit
+from sls.petl import petl_from_record
+
+HEAD_PARTS = ("head", "fc_norm", "head_drop", "attn_pool")
+"""Top-level modules of a timm ViT that :meth:`forward_head` runs: each task runs its own."""
+
+
+def own_modules(model: nn.Module) -> dict[str, str]:
+    """The outermost called modules whose parameters are all trainable (a task's own), by
+    path, with their class names."""
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(root + ".") for root in found):
+            continue
+        if isinstance(module, (nn.ModuleDict, nn.ModuleList)):
+            continue  # a container is not called: its members are
+        params = list(module.parameters())
+        if name and params and all(p.requires_grad for p in params):
+            found[name] = type(module).__name__
+    return found
+
+
+@dataclass
+class RowPlan:
+    """Which member task owns which rows of the pass now: ``(member, rows)`` in row order."""
+
+    segments: list[tuple[int, int]] = field(default_factory=list)
+
+
+class Mux(nn.Module):
+    """Runs each member task's own module on that task's rows, in the :class:`RowPlan`'s order."""
+
+    def __init__(self, members: list[nn.Module | None], plan: RowPlan) -> None:
+        super().__init__()
+        # Not registered as submodules: they belong to the tasks' models (and move with them).
+        object.__setattr__(self, "members", members)
+        object.__setattr__(self, "plan", plan)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs, start = [], 0
+        for member, rows in self.plan.segments:
+            outputs.append(self.members[member](x[start : start + rows]))
+            start += rows
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+class MuxGroup:
+    """Classification ViT tasks of one backbone and PETL structure, batched in one pass.
+
+    Args:
+        base: the shared frozen backbone (headless, every block).
+        tasks: the member tasks (:class:`~sls.serve.pool.ServedTask`), at least two.
+        runtime: the pool's runtime (device, autocast).
+    """
+
+    def __init__(self, base: nn.Module, tasks: list, runtime) -> None:
+        self.tasks, self.runtime, self.plan = list(tasks), runtime, RowPlan()
+        self.depths = [int(task.record.depth) for task in self.tasks]
+        template = shared_copy(base)
+        petl_from_record(self.tasks[0].record.petl).apply(template)
+        self.template = truncate(template, max(self.depths)).eval()
+        for path in own_modules(self.template):
+            if path.split(".")[0] in HEAD_PARTS:
+                continue
+            block = int(path.split(".")[1])
+            members = [task.model.get_submodule(path) if block < depth else None
+                       for task, depth in zip(self.tasks, self.depths)]  # fmt: skip
+            parent, _, attribute = path.rpartition(".")
+            setattr(self.template.get_submodule(parent), attribute, Mux(members, self.plan))
+        self.template.requires_grad_(False)
+
+    @staticmethod
+    def signature(task) -> tuple | None:
+        """What tasks must share to be batched together (None: the task cannot be): the
+        backbone, and the paths and kinds of their own modules inside the blocks."""
+        if task.task_type.name != "classification" or not vit.is_vit(task.model):
+            return None
+        own = own_modules(task.model)
+        inside = {path: kind for path, kind in own.items() if path.split(".")[0] not in HEAD_PARTS}
+        if any(not path.startswith("blocks.") for path in inside):
+            return None  # an own module outside the blocks (a prompt, say): not handled
+        # Block paths up to the task's k; deeper tasks add blocks, so key on the per-block pattern.
+        pattern = sorted({(path.split(".", 2)[2], kind) for path, kind in inside.items()})
+        # The same hyper-parameters: the template's non-own parts (LoRA's scaling) are the first task's.
+        return (task.backbone_key, json.dumps(task.record.petl, sort_keys=True), repr(pattern))
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, members: list[int]) -> list[torch.Tensor]:
+        """Class probabilities of each row of ``images`` (float32, CPU) for its member task
+        ``members[row]``, in the rows' order."""
+        order = sorted(range(len(members)), key=lambda row: (-self.depths[members[row]], members[row]))
+        device = next(self.template.parameters()).device
+        outputs: list[torch.Tensor | None] = [None] * len(members)
+        with self.runtime.autocast(device):
+            x = self.runtime.inputs(images[order], device)
+            x = self.template.norm_pre(self.template.patch_drop(self.template._pos_embed(self.template.patch_embed(x))))
+            done = 0  # rows of ``order`` finished (they are the shallowest, at the end)
+            for index, block in enumerate(self.template.blocks):
+                active = sum(1 for row in order if self.depths[members[row]] > index)
+                if active < x.shape[0]:
+                    self._finish(x[active:], order[active : len(order) - done], members, outputs)
+                    done = len(order) - active
+                    x = x[:active]
+                if active == 0:  # every row of this pass has left; the deeper blocks are not needed
+                    break
+                self.plan.segments = _segments([members[row] for row in order[:active]])
+                x = block(x)
+            self._finish(x, order[: len(order) - done], members, outputs)
+        return outputs
+
+    def _finish(self, x: torch.Tensor, rows: list[int], members: list[int], outputs: list) -> None:
+        """Each task's own norm and head on its rows."""
+        start = 0
+        for member, count in _segments([members[row] for row in rows]):
+            model = self.tasks[member].model
+            logits = model.forward_head(model.norm(x[start : start + count]))
+            for row, probabilities in zip(rows[start : start + count], logits.float().softmax(dim=-1).cpu()):
+                outputs[row] = probabilities
+            start += count
+
+
+def _segments(owners: list[int]) -> list[tuple[int, int]]:
+    """Runs of equal owners: ``[(owner, count), ...]``."""
+    segments: list[tuple[int, int]] = []
+    for owner in owners:
+        if segments and segments[-1][0] == owner:
+            segments[-1] = (owner, segments[-1][1] + 1)
+        else:
+            segments.append((owner, 1))
+    return segments
