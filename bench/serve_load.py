@@ -17,6 +17,8 @@ Against it, in one run:
   user of width pruning or of one model per task must hold), loaded in a child process with
   one forward pass each: its VmRSS and VmHWM;
 - the same load with ``--per-task-batches`` (each pass one task's images only);
+- in this process, ``--max-batch`` images spread over the tasks as one shared pass of
+  their group against one pass per task (the model alone: no HTTP, no other thread);
 - ``sls predict``'s batch throughput: ``load_task``'s model through ``sls.export.predict``
   on batches of ``--max-batch`` preprocessed images, in this process (no HTTP, no decoding).
 
@@ -241,6 +243,41 @@ def predict_throughput(folder: Path, images: list[bytes], batch: int) -> float:
     return calls * batch / (time.perf_counter() - began)
 
 
+def shared_passes(folders: list[Path], images: list[bytes], batch: int, rounds: int = 5) -> dict:
+    """In this process, no HTTP: ``batch`` images spread round-robin over the tasks, as one
+    pass of their group (:class:`sls.serve.mux.MuxGroup`) against one pass per task. Both in
+    turns, ``rounds`` times; the median ms of each."""
+    import torch
+    from PIL import Image
+
+    from sls.serve import TaskPool
+
+    pool = TaskPool()
+    for folder in folders:
+        pool.add(folder)
+    names = [folder.name for folder in folders]
+    group, _ = pool.placement[names[0]]
+    transform = pool.tasks[names[0]].transform
+    x = torch.stack([transform(Image.open(io.BytesIO(images[i % len(images)])).convert("RGB")) for i in range(batch)])
+    owners = [i % len(names) for i in range(batch)]
+
+    def per_task() -> None:
+        for member, name in enumerate(names):
+            rows = [i for i, owner in enumerate(owners) if owner == member]
+            if rows:
+                pool.forward(name, x[rows])
+
+    timings: dict[str, list[float]] = {"one shared pass": [], "a pass per task": []}
+    for fn in (lambda: group.forward(x, owners), per_task):  # warm-up
+        fn()
+    for _ in range(rounds):
+        for label, fn in (("one shared pass", lambda: group.forward(x, owners)), ("a pass per task", per_task)):
+            began = time.perf_counter()
+            fn()
+            timings[label].append(1000 * (time.perf_counter() - began))
+    return {label: round(float(np.median(values)), 1) for label, values in timings.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default=None, help="a pruned task folder (default: train a quick one)")
@@ -289,13 +326,20 @@ def main() -> None:
                 print(f"   batched per task (--per-task-batches): {apart['requests_per_s']:.1f} req/s "
                       f"({apart['requests_per_s'] / reference:.2f}x), p50 {apart['p50_ms']:.0f} / p99 "
                       f"{apart['p99_ms']:.0f} ms, mean batch {apart['mean_batch']}", flush=True)  # fmt: skip
+        passes = {n: shared_passes(folders[:n], images, args.max_batch) for n in counts if n > 1}
+        for n, timing in passes.items():
+            print(f"{args.max_batch} images over {n} tasks, in process: one shared pass {timing['one shared pass']:.0f} ms, "
+                  f"a pass per task {timing['a pass per task']:.0f} ms "
+                  f"({timing['a pass per task'] / timing['one shared pass']:.2f}x)", flush=True)  # fmt: skip
         one = rows[0]["served"]["vmrss_mb"]
         for row in rows[1:]:
             print(f"{row['tasks']} tasks served / 1: {row['served']['vmrss_mb'] / one:.2f}x the memory "
                   f"(goal <= 1.25x); as separate merged models: "
                   f"{row['separate']['vmrss_mb'] / rows[0]['separate']['vmrss_mb']:.2f}x")  # fmt: skip
         if args.json:
-            Path(args.json).write_text(json.dumps({"predict_img_per_s": reference, "rows": rows}, indent=1))
+            Path(args.json).write_text(
+                json.dumps({"predict_img_per_s": reference, "rows": rows, "passes": passes}, indent=1)
+            )
 
 
 if __name__ == "__main__":

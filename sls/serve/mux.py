@@ -48,21 +48,39 @@ def own_modules(model: nn.Module) -> dict[str, str]:
 
 @dataclass
 class RowPlan:
-    """Which member task owns which rows of the pass now: ``(member, rows)`` in row order."""
+    """Which member task owns which rows of the pass now: ``(member, rows)`` in row order,
+    and the member of every row (a tensor on the model's device)."""
 
     segments: list[tuple[int, int]] = field(default_factory=list)
+    rows: torch.Tensor | None = None
 
 
 class Mux(nn.Module):
-    """Runs each member task's own module on that task's rows, in the :class:`RowPlan`'s order."""
+    """Runs each member task's own module on that task's rows, in the :class:`RowPlan`'s order.
+
+    Members that are bias-free linear layers of one shape (LoRA's factors) run as ONE batched
+    matmul with each row's own weight gathered (Punica's and S-LoRA's BGMV), so a pass over
+    many tasks calls as many operators as a pass over one."""
 
     def __init__(self, members: list[nn.Module | None], plan: RowPlan) -> None:
         super().__init__()
         # Not registered as submodules: they belong to the tasks' models (and move with them).
         object.__setattr__(self, "members", members)
         object.__setattr__(self, "plan", plan)
+        present = [m for m in members if m is not None]
+        shape = present[0].weight.shape if present and isinstance(present[0], nn.Linear) else None
+        stackable = shape is not None and all(type(m) is nn.Linear and m.bias is None and m.weight.shape == shape
+                                              for m in present)  # fmt: skip
+        stacked = None
+        if stackable:  # (members, out, in); a member without this block never has rows here
+            stacked = torch.stack([(m if m is not None else present[0]).weight.detach() for m in members])
+        object.__setattr__(self, "stacked", stacked)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked is not None and len(self.plan.segments) > 1:
+            weights = self.stacked[self.plan.rows].to(x.dtype)  # (rows, out, in)
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            return torch.bmm(flat, weights.transpose(1, 2)).reshape(*x.shape[:-1], weights.shape[1])
         outputs, start = [], 0
         for member, rows in self.plan.segments:
             outputs.append(self.members[member](x[start : start + rows]))
@@ -129,7 +147,9 @@ class MuxGroup:
                     x = x[:active]
                 if active == 0:  # every row of this pass has left; the deeper blocks are not needed
                     break
-                self.plan.segments = _segments([members[row] for row in order[:active]])
+                owners = [members[row] for row in order[:active]]
+                self.plan.segments = _segments(owners)
+                self.plan.rows = torch.tensor(owners, device=x.device)
                 x = block(x)
             self._finish(x, order[: len(order) - done], members, outputs)
         return outputs
