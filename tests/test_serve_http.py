@@ -258,6 +258,7 @@ def test_a_task_folder_added_later_is_served_after_a_reload(server, root, digits
     assert server.client.post("/v1/tasks/later/predict", files=_files(digits[:1])).status_code == 404
 
 
+@pytest.mark.slow  # a second server process (about 8 s)
 def test_a_token_is_checked_on_every_call(served_tasks, digits):
     server = Server([served_tasks["lora3"]], env={"SLS_SERVE_TOKEN": "s3cret"})
     try:
