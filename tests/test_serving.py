@@ -120,3 +120,21 @@ def test_tasks_of_one_backbone_and_petl_structure_share_one_pass(served_tasks, t
         torch.testing.assert_close(mixed[row], alone, rtol=0, atol=1e-6)
     # lora3b is lora3's folder: the same answers, by two separately loaded tasks.
     torch.testing.assert_close(mixed[0], group.forward(images[:1], [2])[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("targets, grouped", [(["q", "v"], True), (["qkv"], False)])
+def test_only_lora_the_mux_can_batch_is_grouped(targets, grouped):
+    from types import SimpleNamespace
+
+    from sls.backbones import create_backbone
+    from sls.petl import create_petl
+    from sls.serve.mux import MuxGroup
+
+    model, _ = create_backbone("test_vit", num_classes=3, weights="random", img_size=32)
+    model.requires_grad_(False)
+    create_petl("lora", target_modules=targets).apply(model)
+    model.reset_classifier(3)
+    task = SimpleNamespace(task_type=SimpleNamespace(name="classification"), model=model, backbone_key=("test_vit",),
+                           record=SimpleNamespace(petl={"method": "lora", "hparams": {"target_modules": targets}}))  # fmt: skip
+    # peft's layers (a whole qkv adapted through peft) read their factors' weights: not muxed
+    assert (MuxGroup.signature(task) is not None) == grouped

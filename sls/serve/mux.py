@@ -98,6 +98,7 @@ class MuxGroup:
     """
 
     def __init__(self, base: nn.Module, tasks: list, runtime) -> None:
+        # One plan per group, read by its Muxes: passes must not overlap (one inference thread).
         self.tasks, self.runtime, self.plan = list(tasks), runtime, RowPlan()
         self.depths = [int(task.record.depth) for task in self.tasks]
         template = shared_copy(base)
@@ -123,6 +124,8 @@ class MuxGroup:
         inside = {path: kind for path, kind in own.items() if path.split(".")[0] not in HEAD_PARTS}
         if any(not path.startswith("blocks.") for path in inside):
             return None  # an own module outside the blocks (a prompt, say): not handled
+        if any(type(module).__module__.startswith("peft.") for module in task.model.modules()):
+            return None  # peft's layers read their factors' attributes (weight, ...): batched per task
         # Block paths up to the task's k; deeper tasks add blocks, so key on the per-block pattern.
         pattern = sorted({(path.split(".", 2)[2], kind) for path, kind in inside.items()})
         # The same hyper-parameters: the template's non-own parts (LoRA's scaling) are the first task's.

@@ -182,8 +182,16 @@ class TaskPool:
                           loaded_from)  # fmt: skip
         task.signature = MuxGroup.signature(task) if self.mux else None
         with self._lock:
+            previous = self.tasks.get(task.name)
             self.tasks[task.name] = task
-            self._regroup()
+            try:
+                self._regroup()
+            except Exception:  # a folder that fails changes nothing: the task it would replace serves on
+                if previous is None:
+                    del self.tasks[task.name]
+                else:
+                    self.tasks[task.name] = previous
+                raise
         return task
 
     def remove(self, name: str) -> None:
