@@ -289,3 +289,16 @@ def test_a_folder_that_does_not_load_stops_the_start_in_one_line(tmp_path, capsy
     assert main(["serve", str(tmp_path / "task")]) == 2
     err = capsys.readouterr().err
     assert "record.json" in err and err.count("\n") == 1
+
+
+def test_an_unfinished_task_in_a_folder_of_tasks_is_skipped_with_a_warning(served_tasks, tmp_path, capsys):
+    from sls.serve import TaskPool
+    from sls.serve.app import load_pool
+
+    shutil.copytree(served_tasks["lora3"], tmp_path / "done")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "record.json").write_text("{")
+    pool = load_pool([tmp_path], TaskPool())
+    assert set(pool.tasks) == {"done"}
+    err = capsys.readouterr().err
+    assert err.startswith("sls: warning: skipped") and "unfinished" in err and err.count("\n") == 1

@@ -376,17 +376,21 @@ def create_app(pool: TaskPool, settings: ServeSettings | None = None) -> FastAPI
 
 
 def load_pool(paths: list[str | Path], pool: TaskPool) -> TaskPool:
-    """Load every task folder under ``paths`` into ``pool``; the first folder that does not
-    load is an error (at start-up a person is there to fix it; a reload only reports)."""
+    """Load every task folder under ``paths`` into ``pool``. A task folder named in ``paths``
+    that does not load is an error (at start-up a person is there to fix it); one found in a
+    folder of tasks (an unfinished run, say) is skipped with a warning. A reload only reports."""
     from sls.errors import TaskRecordError
+    from sls.record import RECORD_FILE
 
+    named = {Path(p).resolve() for p in paths if (Path(p) / RECORD_FILE).is_file()}
     report = pool.sync(paths)
-    if report["failed"]:
-        first = report["failed"][0]
-        raise TaskRecordError(f"{first['error']}" if first["folder"] in first["error"] else
-                              f"{first['folder']}: {first['error']}")  # fmt: skip
+    for failed in report["failed"]:
+        message = failed["error"] if failed["folder"] in failed["error"] else f"{failed['folder']}: {failed['error']}"
+        if Path(failed["folder"]).resolve() in named:
+            raise TaskRecordError(message)
+        print(f"sls: warning: skipped {message}", file=sys.stderr, flush=True)
     if not pool.tasks:
-        raise TaskRecordError(f"no task folder under {', '.join(map(str, paths))}")
+        raise TaskRecordError(f"no task to serve under {', '.join(map(str, paths))}")
     return pool
 
 
