@@ -138,3 +138,18 @@ def test_only_lora_the_mux_can_batch_is_grouped(targets, grouped):
                            record=SimpleNamespace(petl={"method": "lora", "hparams": {"target_modules": targets}}))  # fmt: skip
     # peft's layers (a whole qkv adapted through peft) read their factors' weights: not muxed
     assert (MuxGroup.signature(task) is not None) == grouped
+
+
+@pytest.mark.parametrize("name", ["adapter2", "repadapter5"])
+def test_tasks_of_other_petl_methods_share_a_pass_too(served_tasks, tmp_path, name):
+    import shutil
+
+    shutil.copytree(served_tasks[name], tmp_path / "twin")
+    pool = TaskPool()
+    pool.add(served_tasks[name], name)
+    pool.add(tmp_path / "twin")
+    group, _ = pool.placement[name]
+    assert [t.name for t in group.tasks] == [name, "twin"]
+    images = torch.stack([pool.tasks[name].transform(image) for image in _images(5)])
+    mixed = group.forward(images, [1, 0, 0, 1, 0])
+    torch.testing.assert_close(torch.stack(mixed), pool.forward(name, images), rtol=0, atol=1e-6)
