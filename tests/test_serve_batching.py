@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import threading
@@ -28,6 +29,17 @@ def _images(n, value=1.0):
     return torch.full((n, 1, 2, 2), value)
 
 
+@contextlib.asynccontextmanager
+async def _scheduler(**settings):
+    """A scheduler over its own inference thread, closed (and the thread joined) at the end."""
+    with ThreadPoolExecutor(1) as executor:
+        scheduler = Scheduler(executor, **settings)
+        try:
+            yield scheduler
+        finally:
+            await scheduler.close()
+
+
 def _run(coroutine):
     return asyncio.run(coroutine)
 
@@ -35,11 +47,9 @@ def _run(coroutine):
 def test_requests_within_the_window_run_as_one_batch_and_get_their_own_rows():
     async def scenario():
         log = []
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = Scheduler(executor, max_batch=16, max_wait_ms=200)
+        async with _scheduler(max_batch=16, max_wait_ms=200) as scheduler:
             forward = _recording(log, "a")
             answers = await asyncio.gather(*(scheduler.submit("a", forward, _images(n, float(n))) for n in (1, 2, 3)))
-            await scheduler.close()
         return log, answers
 
     log, answers = _run(scenario())
@@ -55,10 +65,8 @@ def test_the_forward_function_gets_each_rows_tag():
             seen.append(list(tags))
             return list(images)
 
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = Scheduler(executor, max_batch=16, max_wait_ms=200)
+        async with _scheduler(max_batch=16, max_wait_ms=200) as scheduler:
             await asyncio.gather(*(scheduler.submit("group", forward, _images(n), tag=f"t{n}") for n in (1, 2, 3)))
-            await scheduler.close()
         return seen
 
     assert _run(scenario()) == [["t1", "t2", "t2", "t3", "t3", "t3"]]
@@ -67,11 +75,9 @@ def test_the_forward_function_gets_each_rows_tag():
 def test_max_batch_is_kept_and_a_larger_request_runs_in_pieces():
     async def scenario():
         log = []
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = Scheduler(executor, max_batch=4, max_wait_ms=200)
+        async with _scheduler(max_batch=4, max_wait_ms=200) as scheduler:
             forward = _recording(log, "a")
             answers = await asyncio.gather(*(scheduler.submit("a", forward, _images(n)) for n in (3, 2, 9)))
-            await scheduler.close()
         return log, answers
 
     log, answers = _run(scenario())
@@ -83,8 +89,7 @@ def test_max_batch_is_kept_and_a_larger_request_runs_in_pieces():
 def test_a_batch_is_formed_when_it_can_run_not_when_its_first_request_came():
     async def scenario():
         log = []
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = Scheduler(executor, max_batch=16, max_wait_ms=0)
+        async with _scheduler(max_batch=16, max_wait_ms=0) as scheduler:
             a, b = _recording(log, "a", 0.1), _recording(log, "b", 0.01)
             running = asyncio.ensure_future(scheduler.submit("a", a, _images(1)))
             await asyncio.sleep(0.02)  # task a's batch is running; task b's requests wait for the thread
@@ -92,7 +97,6 @@ def test_a_batch_is_formed_when_it_can_run_not_when_its_first_request_came():
             await asyncio.sleep(0.02)
             waiting += [asyncio.ensure_future(scheduler.submit("b", b, _images(1))) for _ in range(4)]
             await asyncio.gather(running, *waiting)
-            await scheduler.close()
         return log
 
     assert _run(scenario()) == [("a", 1), ("b", 5)]
@@ -101,14 +105,12 @@ def test_a_batch_is_formed_when_it_can_run_not_when_its_first_request_came():
 def test_a_busy_task_delays_another_by_at_most_one_batch():
     async def scenario():
         log = []
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = Scheduler(executor, max_batch=1, max_wait_ms=0)
+        async with _scheduler(max_batch=1, max_wait_ms=0) as scheduler:
             busy, other = _recording(log, "busy", 0.05), _recording(log, "other", 0.05)
             flood = [asyncio.ensure_future(scheduler.submit("busy", busy, _images(1))) for _ in range(8)]
             await asyncio.sleep(0.01)  # the busy task's first batch is running
             await scheduler.submit("other", other, _images(1))
             await asyncio.gather(*flood)
-            await scheduler.close()
         return log
 
     log = _run(scenario())
@@ -125,12 +127,10 @@ def test_a_failed_batch_fails_its_requests_only():
                 raise RuntimeError("boom")
             return list(images)
 
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = Scheduler(executor, max_batch=8, max_wait_ms=0)
+        async with _scheduler(max_batch=8, max_wait_ms=0) as scheduler:
             with pytest.raises(RuntimeError, match="boom"):
                 await scheduler.submit("a", forward, _images(2))
             after = await scheduler.submit("a", forward, _images(1))
-            await scheduler.close()
         return after
 
     assert len(_run(scenario())) == 1
@@ -139,14 +139,12 @@ def test_a_failed_batch_fails_its_requests_only():
 def test_a_batch_that_cannot_be_formed_fails_its_requests_and_the_scheduler_goes_on():
     async def scenario():
         log = []
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = Scheduler(executor, max_batch=8, max_wait_ms=100)
+        async with _scheduler(max_batch=8, max_wait_ms=100) as scheduler:
             forward = _recording(log, "a")
             mixed = await asyncio.gather(scheduler.submit("a", forward, torch.zeros(1, 1, 2, 2)),
                                          scheduler.submit("a", forward, torch.zeros(1, 1, 3, 3)),
                                          return_exceptions=True)  # fmt: skip
             after = await scheduler.submit("a", forward, _images(2))
-            await scheduler.close()
         return mixed, after
 
     mixed, after = _run(scenario())
@@ -155,8 +153,7 @@ def test_a_batch_that_cannot_be_formed_fails_its_requests_and_the_scheduler_goes
 
 def test_a_fault_of_the_scheduler_itself_fails_the_waiting_requests_and_it_goes_on():
     async def scenario():
-        with ThreadPoolExecutor(1) as executor:
-            scheduler = Scheduler(executor, max_batch=8, max_wait_ms=0)
+        async with _scheduler(max_batch=8, max_wait_ms=0) as scheduler:
             original, calls = scheduler._next_batch, []
 
             async def faulty():  # the worker's first look for a batch fails, once a request waits
@@ -171,7 +168,6 @@ def test_a_fault_of_the_scheduler_itself_fails_the_waiting_requests_and_it_goes_
             with pytest.raises(KeyError):
                 await asyncio.wait_for(scheduler.submit("a", lambda images, tags: list(images), _images(1)), 5)
             after = await asyncio.wait_for(scheduler.submit("a", lambda images, tags: list(images), _images(2)), 5)
-            await scheduler.close()
         return after
 
     assert len(_run(scenario())) == 2

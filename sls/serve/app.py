@@ -101,7 +101,7 @@ class RequestError(Exception):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
-        self.status, self.message = status, " ".join(message.split())
+        self.status, self.message = status, message  # made one line by error_response
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:

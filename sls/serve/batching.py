@@ -83,7 +83,7 @@ class Scheduler:
     def _images_waiting(self, task: Hashable) -> int:
         return sum(len(p.images) for p in self.waiting.get(task, ()))
 
-    async def _next_batch(self) -> tuple[Hashable, list[Pending]]:
+    async def _next_batch(self) -> tuple[Hashable, Callable, list[Pending]]:
         while not self.order:
             self._arrival.clear()
             await self._arrival.wait()
@@ -97,16 +97,17 @@ class Scheduler:
                 await asyncio.wait_for(self._arrival.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-        if not self.order or self.order[0] != task:  # forgotten while it waited
-            return task, []
         self.order.popleft()
-        queue, batch, size = self.waiting.get(task, deque()), [], 0
+        queue, batch, size = self.waiting[task], [], 0
         while queue and (not batch or size + len(queue[0].images) <= self.max_batch):
             batch.append(queue.popleft())
             size += len(batch[-1].images)
+        forward = self.forwards[task]
         if queue:
             self.order.append(task)  # the rest waits its turn behind the other tasks
-        return task, [p for p in batch if not p.done.done()]  # a client gone is skipped
+        else:  # nothing of a replaced task or group is kept once its queue is empty
+            del self.waiting[task], self.forwards[task]
+        return task, forward, [p for p in batch if not p.done.done()]  # a client gone is skipped
 
     def _run_batch(self, task: Hashable, forward: Callable, images: torch.Tensor, tags: list) -> list:
         outputs = []
@@ -124,34 +125,36 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - a fault of the scheduler itself: fail what waits, never hang
-                for queue in self.waiting.values():
-                    while queue:
-                        pending = queue.popleft()
-                        if not pending.done.done():
-                            pending.done.set_exception(error)
+                _fail([pending for queue in self.waiting.values() for pending in queue], error)
+                self.waiting.clear()
+                self.forwards.clear()
                 self.order.clear()
 
     async def _run_once(self) -> None:
         """Run the next batch and answer its requests."""
-        task, batch = await self._next_batch()
+        task, forward, batch = await self._next_batch()
         if not batch:
             return
         try:
             images = torch.cat([p.images for p in batch])
             tags = [p.tag for p in batch for _ in range(len(p.images))]
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._run_batch, task, self.forwards[task], images, tags)  # fmt: skip
+                self.executor, self._run_batch, task, forward, images, tags)  # fmt: skip
         except asyncio.CancelledError:
             for pending in batch:
                 pending.done.cancel()
             raise
         except Exception as error:  # noqa: BLE001 - every request of the batch gets the model's error
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(error)
+            _fail(batch, error)
             return
         start = 0
         for pending in batch:
             if not pending.done.done():
                 pending.done.set_result(outputs[start : start + len(pending.images)])
             start += len(pending.images)
+
+
+def _fail(pendings: list[Pending], error: Exception) -> None:
+    for pending in pendings:
+        if not pending.done.done():
+            pending.done.set_exception(error)

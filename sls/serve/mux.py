@@ -18,6 +18,7 @@ PETL method with the same structure); other tasks are batched per task.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 
@@ -141,20 +142,18 @@ class MuxGroup:
         with self.runtime.autocast(device):
             x = self.runtime.inputs(images[order], device)
             x = self.template.norm_pre(self.template.patch_drop(self.template._pos_embed(self.template.patch_embed(x))))
-            done = 0  # rows of ``order`` finished (they are the shallowest, at the end)
+            # x holds the rows order[:len(x)]: the deepest tasks' first, so rows leave from the end
             for index, block in enumerate(self.template.blocks):
                 active = sum(1 for row in order if self.depths[members[row]] > index)
-                if active < x.shape[0]:
-                    self._finish(x[active:], order[active : len(order) - done], members, outputs)
-                    done = len(order) - active
+                if active < len(x) or index == 0:
+                    self._finish(x[active:], order[active : len(x)], members, outputs)
                     x = x[:active]
-                if active == 0:  # every row of this pass has left; the deeper blocks are not needed
-                    break
-                owners = [members[row] for row in order[:active]]
-                self.plan.segments = _segments(owners)
-                self.plan.rows = torch.tensor(owners, device=x.device)
+                    if not active:  # every row has left; the deeper blocks are not needed
+                        break
+                    owners = [members[row] for row in order[:active]]
+                    self.plan.segments, self.plan.rows = _segments(owners), torch.tensor(owners, device=x.device)
                 x = block(x)
-            self._finish(x, order[: len(order) - done], members, outputs)
+            self._finish(x, order[: len(x)], members, outputs)
         return outputs
 
     def _finish(self, x: torch.Tensor, rows: list[int], members: list[int], outputs: list) -> None:
@@ -170,10 +169,4 @@ class MuxGroup:
 
 def _segments(owners: list[int]) -> list[tuple[int, int]]:
     """Runs of equal owners: ``[(owner, count), ...]``."""
-    segments: list[tuple[int, int]] = []
-    for owner in owners:
-        if segments and segments[-1][0] == owner:
-            segments[-1] = (owner, segments[-1][1] + 1)
-        else:
-            segments.append((owner, 1))
-    return segments
+    return [(owner, len(list(run))) for owner, run in itertools.groupby(owners)]

@@ -137,9 +137,11 @@ class TaskPool:
             placement |= {task.name: (group, index) for index, task in enumerate(members)}
         self.placement = placement
 
-    def add(self, folder: str | Path, name: str | None = None) -> ServedTask:
+    def add(self, folder: str | Path, name: str | None = None, *, regroup: bool = True) -> ServedTask:
         """Load the task folder ``folder`` (pruned; the retrained tensors when it has them)
         under ``name`` (default: the folder's name); a name already served is replaced.
+        ``regroup=False`` leaves the groups of shared passes to the caller (:meth:`sync`
+        rebuilds them once for all the folders it loads).
 
         Raises:
             TaskRecordError: not a pruned task, or another backbone than its record's
@@ -185,7 +187,8 @@ class TaskPool:
             previous = self.tasks.get(task.name)
             self.tasks[task.name] = task
             try:
-                self._regroup()
+                if regroup:
+                    self._regroup()
             except Exception:  # a folder that fails changes nothing: the task it would replace serves on
                 if previous is None:
                     del self.tasks[task.name]
@@ -228,12 +231,17 @@ class TaskPool:
                     if folder.name in self.tasks:
                         raise TaskRecordError(f"the name {folder.name!r} is served from {self.tasks[folder.name].folder}; "
                                               "rename one of the two folders")  # fmt: skip
-                    report["added"].append(self.add(folder).name)
+                    report["added"].append(self.add(folder, regroup=False).name)
                 elif (folder / RECORD_FILE).stat().st_mtime != self.tasks[name].loaded_from:
-                    self.add(folder, name)
+                    self.add(folder, name, regroup=False)
                     report["replaced"].append(name)
             except Exception as error:  # noqa: BLE001 - reported per folder; the others load
                 report["failed"].append({"folder": str(folder), "error": " ".join(str(error).split())})
+        try:  # once for every folder loaded
+            with self._lock:
+                self._regroup()
+        except Exception as error:  # noqa: BLE001 - the tasks serve on, batched per task (a stale group is not used)
+            report["failed"].append({"folder": "(shared passes)", "error": " ".join(str(error).split())})
         return report
 
     @torch.inference_mode()
